@@ -1,0 +1,478 @@
+"""The SCG intermediate representation: an immutable graph of nodes in topological order.
+
+A :class:`Graph` holds the parameters (the model's first argument, flattened),
+the data inputs, constants, and a tuple of nodes:
+
+* :class:`Equation` — a deterministic node: one JAX primitive applied to its inputs;
+* :class:`Site` — a stochastic node ``value ~ family(*operands)``;
+* :class:`LogProb` — ``log family(*operands).log_prob(value)``, written with
+  ``scg.log_prob`` so passes can see it;
+* :class:`Cost` — an array whose elements are summed into the loss.
+
+Nodes and graphs are frozen; passes build new ones with :meth:`Graph.replace`
+and :func:`dataclasses.replace`. Dependency queries (ancestors, the downstream
+costs of each site) are methods of the graph, computed once and cached.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Union
+
+import jax
+import numpy as np
+
+from scg import _jax
+from scg.errors import ModelError
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True, eq=False)
+class Var:
+    """A value in the graph: an array of a fixed shape and dtype. Compared by identity."""
+
+    shape: tuple
+    dtype: Any
+    id: int = field(default_factory=lambda: next(_ids))
+
+    def __repr__(self) -> str:
+        return f"Var#{self.id}:{_type_str(self.shape, self.dtype)}"
+
+
+@dataclass(frozen=True, eq=False)
+class Literal:
+    """A constant operand written inline (a scalar from the jaxpr)."""
+
+    value: Any
+    shape: tuple
+    dtype: Any
+
+
+Atom = Union[Var, Literal]
+
+
+@dataclass(frozen=True)
+class Plate:
+    """A conditionally independent batch dimension: axis ``dim`` of size ``size``."""
+
+    name: str
+    size: int
+    dim: int
+
+
+@dataclass(frozen=True, eq=False)
+class DistSpec:
+    """A distribution family and how to rebuild an instance from its flattened operands."""
+
+    family: type
+    treedef: Any
+    leaf_names: tuple
+
+    def build(self, leaves: list) -> Any:
+        return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+
+    @property
+    def name(self) -> str:
+        return self.family.__name__
+
+    def same_as(self, other: "DistSpec") -> bool:
+        return self.family is other.family and self.treedef == other.treedef
+
+
+@dataclass(frozen=True, eq=False)
+class Equation:
+    """A deterministic node: ``outputs = primitive(*inputs, **params)``."""
+
+    primitive: Any
+    params: dict
+    inputs: tuple
+    outputs: tuple
+    source: str | None = None
+
+    def replace(self, **changes) -> "Equation":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """A stochastic node ``output ~ dist.build(inputs)``.
+
+    ``reparameterized``: sampled with the family's reparameterized sampler, so
+    gradients flow pathwise through ``output`` (no score term).
+    ``enumerated``: summed over exactly (weighted by its probabilities) rather than sampled.
+    ``key_name``: the name the site's random key is derived from (a pass that
+    rewrites a site keeps the original name, so the same key gives the same value).
+    """
+
+    name: str
+    dist: DistSpec
+    inputs: tuple
+    output: Var
+    source: str | None = None
+    key_name: str = ""
+    plates: tuple = ()
+    discrete: bool = False
+    enumerable: bool = False
+    reparameterizable: bool = False
+    reparameterized: bool = False
+    enumerated: bool = False
+
+    @property
+    def outputs(self) -> tuple:
+        return (self.output,)
+
+    def replace(self, **changes) -> "Site":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, eq=False)
+class LogProb:
+    """``output = dist.build(inputs[:-1]).log_prob(inputs[-1])``: a log density visible to passes."""
+
+    dist: DistSpec
+    dist_inputs: tuple
+    value: Atom
+    output: Var
+    source: str | None = None
+
+    @property
+    def inputs(self) -> tuple:
+        return (*self.dist_inputs, self.value)
+
+    @property
+    def outputs(self) -> tuple:
+        return (self.output,)
+
+    def replace(self, **changes) -> "LogProb":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, eq=False)
+class Cost:
+    """``input`` is a cost: its elements are summed into the loss."""
+
+    name: str
+    input: Atom
+    source: str | None = None
+    plates: tuple = ()
+
+    @property
+    def inputs(self) -> tuple:
+        return (self.input,)
+
+    @property
+    def outputs(self) -> tuple:
+        return ()
+
+    def replace(self, **changes) -> "Cost":
+        return dataclasses.replace(self, **changes)
+
+
+Node = Union[Equation, Site, LogProb, Cost]
+
+
+@dataclass(frozen=True, eq=False)
+class Graph:
+    """An immutable stochastic computation graph.
+
+    Attributes:
+      name: the model function's name.
+      params: the parameter leaves (the first argument of the model, flattened).
+      params_treedef: the pytree structure of the parameters.
+      param_names: a readable path for each parameter leaf (``params['w']``).
+      inputs, inputs_treedef, input_names: the same for the data arguments.
+      consts: ``(var, value)`` pairs of arrays closed over by the model.
+      nodes: the nodes in topological order.
+    """
+
+    name: str
+    params: tuple
+    params_treedef: Any
+    param_names: tuple
+    inputs: tuple
+    inputs_treedef: Any
+    input_names: tuple
+    consts: tuple
+    nodes: tuple
+
+    def replace(self, **changes) -> "Graph":
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    # --- lookups -------------------------------------------------------------------------------
+    @functools.cached_property
+    def sites(self) -> tuple:
+        return tuple(n for n in self.nodes if isinstance(n, Site))
+
+    @functools.cached_property
+    def costs(self) -> tuple:
+        return tuple(n for n in self.nodes if isinstance(n, Cost))
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        known = ", ".join(repr(s.name) for s in self.sites) or "none"
+        raise KeyError(f"graph {self.name!r} has no site {name!r}; its sites are: {known}")
+
+    @functools.cached_property
+    def producers(self) -> dict:
+        """Maps each Var to the index of the node that defines it (absent for params/inputs/consts)."""
+        return {v: i for i, n in enumerate(self.nodes) for v in n.outputs}
+
+    @functools.cached_property
+    def consumers(self) -> dict:
+        """Maps each Var to the indices of the nodes that read it."""
+        table: dict = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.inputs:
+                if isinstance(a, Var):
+                    table.setdefault(a, []).append(i)
+        return table
+
+    # --- dependency queries ----------------------------------------------------------------------
+    def ancestors(self, node: Node) -> frozenset:
+        """Indices of the nodes ``node`` depends on through the data flow (sites included)."""
+        seen: set = set()
+        stack = [a for a in node.inputs if isinstance(a, Var)]
+        while stack:
+            v = stack.pop()
+            i = self.producers.get(v)
+            if i is None or i in seen:
+                continue
+            seen.add(i)
+            stack.extend(a for a in self.nodes[i].inputs if isinstance(a, Var))
+        return frozenset(seen)
+
+    def forward_reach(self, start: Iterable[Var], *, through_sites: bool = True) -> frozenset:
+        """Indices of the nodes that read, directly or transitively, any of ``start``.
+
+        With ``through_sites=False`` a site's value is not reached from its
+        distribution operands (use it to follow differentiable data flow only).
+        """
+        reached_vars = set(start)
+        reached: set = set()
+        for i, n in enumerate(self.nodes):
+            if any(isinstance(a, Var) and a in reached_vars for a in n.inputs):
+                reached.add(i)
+                if isinstance(n, Site) and not through_sites and not n.reparameterized:
+                    continue
+                reached_vars.update(n.outputs)
+        return frozenset(reached)
+
+    @functools.cached_property
+    def _stochastic_ancestry(self) -> dict:
+        """Maps each Var to the frozenset of site names it depends on."""
+        table: dict = {}
+        empty: frozenset = frozenset()
+        for n in self.nodes:
+            deps = frozenset().union(*(table.get(a, empty) for a in n.inputs if isinstance(a, Var)))
+            if isinstance(n, Site):
+                deps = deps | {n.name}
+            for v in n.outputs:
+                table[v] = deps
+        return table
+
+    def stochastic_ancestors(self, cost: Cost) -> tuple:
+        """The names of the sites ``cost`` depends on, in program order."""
+        deps = self._stochastic_ancestry.get(cost.input, frozenset()) if isinstance(cost.input, Var) else frozenset()
+        return tuple(s.name for s in self.sites if s.name in deps)
+
+    @functools.cached_property
+    def downstream_costs(self) -> dict:
+        """Maps each site name to the names of the costs reachable from it through the data flow.
+
+        A cost is downstream of ``z`` when some path leads from ``z``'s value to it,
+        through deterministic nodes, log densities, and other sites' distribution
+        operands (a site whose distribution depends on ``z`` makes its own value, and
+        so its costs, depend on ``z``). Only these costs multiply ``z``'s score term.
+        """
+        table = {s.name: [] for s in self.sites}
+        for c in self.costs:
+            for name in self.stochastic_ancestors(c):
+                table[name].append(c.name)
+        return {k: tuple(v) for k, v in table.items()}
+
+    @functools.cached_property
+    def param_dependent_sites(self) -> frozenset:
+        """Names of the sites whose distribution operands depend on the parameters."""
+        reached = self.forward_reach(self.params)
+        return frozenset(self.nodes[i].name for i in reached if isinstance(self.nodes[i], Site))
+
+    # --- structural preconditions ----------------------------------------------------------------
+    def validate(self) -> None:
+        """Checks Certigrad's ``well_formed`` and ``nodup`` on this graph; raises ModelError."""
+        defined = set(self.params) | set(self.inputs) | {v for v, _ in self.consts}
+        site_names: dict = {}
+        cost_names: dict = {}
+        for n in self.nodes:
+            for a in n.inputs:
+                if isinstance(a, Var) and a not in defined:
+                    raise ModelError(
+                        f"graph {self.name!r}: node {_node_label(n)} reads a value that no earlier node defines; "
+                        "nodes must be in topological order (a pass built an invalid graph)",
+                        site=getattr(n, "name", None), source=n.source)
+            for v in n.outputs:
+                if v in defined:
+                    raise ModelError(f"graph {self.name!r}: node {_node_label(n)} redefines a value", source=n.source)
+                defined.add(v)
+            if isinstance(n, Site):
+                if n.name in site_names:
+                    raise ModelError(
+                        f"duplicate site name {n.name!r} (first at {site_names[n.name]}); "
+                        "site names must be unique within a model: give each scg.sample its own name",
+                        site=n.name, source=n.source)
+                site_names[n.name] = n.source or "?"
+            if isinstance(n, Cost):
+                if n.name in cost_names:
+                    raise ModelError(
+                        f"duplicate cost name {n.name!r} (first at {cost_names[n.name]}); "
+                        "cost names must be unique within a model: give each scg.cost its own name",
+                        site=n.name, source=n.source)
+                cost_names[n.name] = n.source or "?"
+                if not np.issubdtype(np.dtype(n.input.dtype), np.floating):
+                    raise ModelError(f"cost {n.name!r} has dtype {np.dtype(n.input.dtype).name}; "
+                                     "costs must be floating arrays", site=n.name, source=n.source)
+
+    # --- printing --------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        return format_graph(self)
+
+    def __repr__(self) -> str:
+        return f"<scg.Graph {self.name!r}: {len(self.sites)} sites, {len(self.costs)} costs, {len(self.nodes)} nodes>"
+
+
+def _node_label(n: Node) -> str:
+    if isinstance(n, Site):
+        return f"site {n.name!r}"
+    if isinstance(n, Cost):
+        return f"cost {n.name!r}"
+    if isinstance(n, LogProb):
+        return f"log_prob of {n.dist.name}"
+    return f"equation {n.primitive.name!r}"
+
+
+def _type_str(shape, dtype) -> str:
+    short = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16", "int32": "i32",
+             "int64": "i64", "bool": "bool", "uint32": "u32", "int8": "i8", "uint8": "u8"}
+    name = np.dtype(dtype).name if not str(dtype).startswith("key") else str(dtype)
+    return f"{short.get(name, name)}[{','.join(str(d) for d in shape)}]"
+
+
+_HIDDEN_PARAMS = {"sharding", "out_sharding", "accuracy", "precision", "preferred_element_type",
+                  "in_shardings", "out_shardings", "in_layouts", "out_layouts", "donated_invars",
+                  "ctx_mesh", "keep_unused", "inline", "compiler_options_kvs", "symbolic_zeros"}
+
+
+def _param_str(key: str, value: Any) -> str | None:
+    if key in _HIDDEN_PARAMS or value is None:
+        return None
+    if isinstance(value, (_jax.Jaxpr, _jax.ClosedJaxpr)):
+        return f"{key}={{...}}"
+    if callable(value) and not isinstance(value, type):
+        return None
+    text = str(value)
+    return f"{key}={text}" if len(text) <= 40 else f"{key}=..."
+
+
+def _names_for(graph: Graph) -> Callable[[Atom], str]:
+    names: dict = {}
+    letters = (a + b for a in ("",) + tuple("abcdefghijklmnopqrstuvwxyz") for b in "abcdefghijklmnopqrstuvwxyz")
+    reserved = {s.name for s in graph.sites}
+
+    def name(a: Atom) -> str:
+        if isinstance(a, Literal):
+            v = np.asarray(a.value)
+            if v.dtype.kind in "fiub" and v.size and np.all(v == v.reshape(-1)[0]):
+                scalar = f"{v.reshape(-1)[0].item():g}"
+                return scalar if v.ndim == 0 else f"{scalar}:{_type_str(a.shape, a.dtype)}"
+            return f"<const {_type_str(a.shape, a.dtype)}>"
+        if a not in names:
+            n = next(letters)
+            while n in reserved:
+                n = next(letters)
+            names[a] = n
+        return names[a]
+
+    for s in graph.sites:
+        names[s.output] = s.name
+    return name
+
+
+def format_graph(graph: Graph) -> str:
+    """A jaxpr-like listing of the graph, with site and cost names and the user's source lines."""
+    name = _names_for(graph)
+    typed = lambda v: f"{name(v)}:{_type_str(v.shape, v.dtype)}"
+    rows: list[tuple[str, str]] = []
+    for v, path in zip(graph.params, graph.param_names):
+        rows.append((f"param  {typed(v)} = {path}", ""))
+    for v, path in zip(graph.inputs, graph.input_names):
+        rows.append((f"input  {typed(v)} = {path}", ""))
+    for v, value in graph.consts:
+        rows.append((f"const  {typed(v)}", ""))
+    for n in graph.nodes:
+        src = n.source or ""
+        if isinstance(n, Equation):
+            params = [p for p in (_param_str(k, v) for k, v in n.params.items()) if p]
+            head = n.primitive.name + (f"[{' '.join(params)}]" if params else "")
+            outs = " ".join(typed(v) for v in n.outputs)
+            rows.append((f"{outs} = {head} {' '.join(name(a) for a in n.inputs)}", src))
+        elif isinstance(n, Site):
+            args = ", ".join(f"{k}={name(a)}" for k, a in zip(n.dist.leaf_names, n.inputs))
+            tags = []
+            if n.reparameterized:
+                tags.append("reparameterized")
+            if n.enumerated:
+                tags.append("enumerated")
+            if n.plates:
+                tags.append("plates=" + ",".join(p.name for p in n.plates))
+            kind = "discrete" if n.discrete else "continuous"
+            tag = f"  [{kind}{', ' if tags else ''}{', '.join(tags)}]"
+            rows.append((f"{typed(n.output)} ~ {n.dist.name}({args}){tag}", src))
+        elif isinstance(n, LogProb):
+            args = ", ".join(f"{k}={name(a)}" for k, a in zip(n.dist.leaf_names, n.dist_inputs))
+            rows.append((f"{typed(n.output)} = log_prob {n.dist.name}({args}) at {name(n.value)}", src))
+        elif isinstance(n, Cost):
+            plates = f"  [plates={','.join(p.name for p in n.plates)}]" if n.plates else ""
+            rows.append((f"cost {n.name!r} += sum({name(n.input)}){plates}", src))
+    width = min(max((len(r[0]) for r in rows), default=0), 72)
+    body = "\n".join(f"  {text:<{width}}  # {src}" if src else f"  {text}" for text, src in rows)
+    header = f"graph {graph.name} ({len(graph.sites)} sites, {len(graph.costs)} costs)"
+    return f"{header}\n{body}"
+
+
+# --- rewriting helpers used by passes -------------------------------------------------------------
+
+
+def substitute(nodes: Iterable[Node], mapping: dict) -> list:
+    """Returns the nodes with every input Var in ``mapping`` replaced by its image."""
+    sub = lambda a: mapping.get(a, a) if isinstance(a, Var) else a
+    out = []
+    for n in nodes:
+        if not any(isinstance(a, Var) and a in mapping for a in n.inputs):
+            out.append(n)
+        elif isinstance(n, Equation):
+            out.append(n.replace(inputs=tuple(map(sub, n.inputs))))
+        elif isinstance(n, Site):
+            out.append(n.replace(inputs=tuple(map(sub, n.inputs))))
+        elif isinstance(n, LogProb):
+            out.append(n.replace(dist_inputs=tuple(map(sub, n.dist_inputs)), value=sub(n.value)))
+        else:
+            out.append(n.replace(input=sub(n.input)))
+    return out
+
+
+def eliminate_dead_code(graph: Graph) -> Graph:
+    """Drops deterministic and log-density nodes whose values reach no site or cost."""
+    live: set = set()
+    keep = []
+    for n in reversed(graph.nodes):
+        if isinstance(n, (Site, Cost)) or any(v in live for v in n.outputs):
+            keep.append(n)
+            live.update(a for a in n.inputs if isinstance(a, Var))
+    used_consts = tuple((v, c) for v, c in graph.consts if v in live)
+    return graph.replace(nodes=tuple(reversed(keep)), consts=used_consts)

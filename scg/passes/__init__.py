@@ -1,0 +1,68 @@
+"""Certified passes: each is a plain function ``Graph -> (Graph, Certificate)``.
+
+Every pass takes an optional ``sites=`` (names to restrict it to; default:
+every site where its preconditions hold), never mutates its input, refuses
+with a :class:`scg.PreconditionError` naming the site and the precondition when
+a site named in ``sites=`` fails one, and records every check in its certificate.
+:func:`chain` composes passes into one; ``auto`` is one such chain.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from scg.passes.certificate import Certificate as Certificate, Precondition as Precondition
+from scg.passes.enumerate import enumerate as enumerate  # noqa: A004 - the public name
+from scg.passes.integrate_kl import integrate_kl as integrate_kl
+from scg.passes.reparameterize import reparameterize as reparameterize
+from scg.passes.verify import VerifyReport as VerifyReport
+
+
+def chain(*passes: Callable) -> Callable:
+    """Composes passes left to right; the certificate of the chain lists each pass's certificate."""
+
+    def chained(graph, sites=None):
+        certificates = []
+        for p in passes:
+            graph, cert = p(graph, sites=sites) if sites is not None else p(graph)
+            certificates.append(cert)
+        first, last = certificates[0].before if certificates else graph, graph
+        cert = Certificate(
+            pass_name=" → ".join(c.pass_name for c in certificates),
+            rewritten=tuple(s for c in certificates for s in c.rewritten),
+            nodes=tuple(n for c in certificates for n in c.nodes),
+            preconditions=tuple(p for c in certificates for p in c.preconditions),
+            identity="; ".join(c.identity for c in certificates if c.rewritten) or "(no rewrite)",
+            before=first, after=last)
+        return graph, cert
+
+    chained.__name__ = "chain(" + ", ".join(getattr(p, "__name__", "?") for p in passes) + ")"
+    return chained
+
+
+def auto(graph, sites=None):
+    """The default pipeline: ``integrate_kl`` wherever its pattern matches, then
+    ``reparameterize`` wherever certified; every other site stays score-function."""
+    return chain(integrate_kl, reparameterize)(graph, sites=sites)
+
+
+_BY_NAME = {"auto": auto, "reparameterize": reparameterize, "integrate_kl": integrate_kl, "enumerate": enumerate}
+
+
+def resolve_passes(passes: Any) -> list:
+    """``"auto"`` | ``None`` | ``"none"`` | ``[]`` | a sequence of passes or pass names -> list of passes."""
+    if passes is None or (isinstance(passes, str) and passes == "none"):
+        return []
+    if isinstance(passes, str):
+        passes = [passes]
+    if callable(passes):
+        passes = [passes]
+    out = []
+    for p in passes:
+        if isinstance(p, str):
+            if p not in _BY_NAME:
+                raise ValueError(f"unknown pass {p!r}; known passes: {sorted(_BY_NAME)}")
+            p = _BY_NAME[p]
+        if not callable(p):
+            raise TypeError(f"a pass must be a function Graph -> (Graph, Certificate) or a pass name, got {p!r}")
+        out.append(p)
+    return out

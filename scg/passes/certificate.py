@@ -1,0 +1,66 @@
+"""The record every pass returns: what it rewrote, which preconditions held, which identity it used."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Precondition:
+    """One precondition checked on one site: its name, whether it held, and why."""
+
+    site: str
+    name: str
+    held: bool
+    detail: str = ""
+
+    def __str__(self) -> str:
+        mark = "held" if self.held else "FAILED"
+        return f"{self.site}: {self.name}: {mark}{' — ' + self.detail if self.detail else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    """A frozen record of one pass over one graph.
+
+    Attributes:
+      pass_name: the pass.
+      rewritten: the sites (or log-density terms) the pass rewrote.
+      nodes: a description of each node added or replaced.
+      preconditions: every precondition checked, held or not (failures on sites
+        not named in ``sites=`` are recorded here and the site left as it was).
+      identity: the expectation-preserving identity the rewrite relies on.
+      before, after: the graphs, so :meth:`verify` can compare them.
+    """
+
+    pass_name: str
+    rewritten: tuple
+    nodes: tuple
+    preconditions: tuple
+    identity: str
+    before: Any = dataclasses.field(repr=False, compare=False, default=None)
+    after: Any = dataclasses.field(repr=False, compare=False, default=None)
+
+    def __str__(self) -> str:
+        lines = [f"certificate: {self.pass_name}",
+                 f"  identity: {self.identity}",
+                 f"  rewritten: {', '.join(self.rewritten) if self.rewritten else '(nothing)'}"]
+        lines += [f"  node: {n}" for n in self.nodes]
+        lines += [f"  precondition {p}" for p in self.preconditions]
+        return "\n".join(lines)
+
+    def verify(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 2000, **options: Any):
+        """Checks on this instance that the pass preserved ``E[loss]`` and ``∇E[loss]``.
+
+        Exactly (``scg.expectation`` of both graphs) where the graph allows it;
+        otherwise by Monte Carlo, comparing both estimators' means through their
+        standard errors. Returns a :class:`scg.passes.VerifyReport`.
+        """
+        from scg.passes.verify import verify_rewrite
+
+        return verify_rewrite(self, params, *args, key=key, num_samples=num_samples, **options)
+
+
+Pass = Callable[..., tuple]

@@ -1,0 +1,495 @@
+"""Tracing: ``@scg.model`` turns a call of the user's function into an :class:`scg.Graph`.
+
+The model function runs once under ``jax.make_jaxpr`` on abstract values of its
+arguments. ``scg.sample``, ``scg.cost`` and ``scg.log_prob`` bind the scg
+primitives (``scg/_jax.py``), so they appear in the jaxpr as equations next to
+the deterministic computation; :func:`graph_from_jaxpr` then reads the jaxpr
+into IR nodes, inlining ``jax.jit`` calls and refusing higher-order primitives
+it cannot see into.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+
+from scg import _jax
+from scg.errors import ModelError, UnsupportedPrimitiveError
+from scg.ir import Cost, DistSpec, Equation, Graph, Literal, LogProb, Plate, Site, Var, eliminate_dead_code
+
+# --- the trace context ---------------------------------------------------------------------------
+
+
+class _TraceState:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.site_names: dict[str, str] = {}
+        self.cost_names: dict[str, str] = {}
+        self.plates: list[Plate] = []
+        self.outputs: list = []  # every site value and cost, returned so the jaxpr keeps them
+
+
+_local = threading.local()
+
+
+def _state(api: str, name: Any) -> _TraceState:
+    stack = getattr(_local, "stack", None)
+    if not stack:
+        raise ModelError(
+            f"{api}({name!r}, ...) was called outside a traced model. Decorate the function with "
+            "@scg.model and run it through model.trace(...), scg.compile(...) or scg.expectation(...); "
+            "calling the undecorated function directly has no random keys to draw from.",
+            site=name if isinstance(name, str) else None, source=_caller_source())
+    return stack[-1]
+
+
+@contextlib.contextmanager
+def _tracing(model_name: str):
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    state = _TraceState(model_name)
+    stack.append(state)
+    try:
+        yield state
+    finally:
+        stack.pop()
+
+
+def _caller_source() -> str | None:
+    frames = [(f.filename, f.lineno) for f in reversed(traceback.extract_stack())]
+    return _jax.user_source_of_frames(frames)
+
+
+# --- specs carried by the primitives -------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SiteSpec:
+    name: str
+    dist: DistSpec
+    shape: tuple
+    dtype: Any
+    source: str | None
+    plates: tuple
+    discrete: bool
+    enumerable: bool
+    reparameterizable: bool
+
+    def __str__(self) -> str:  # shown by jaxpr printing
+        return f"{self.name}~{self.dist.name}"
+
+
+@dataclass(frozen=True, eq=False)
+class LogProbSpec:
+    dist: DistSpec
+    shape: tuple
+    dtype: Any
+    source: str | None
+
+    def __str__(self) -> str:
+        return f"log_prob {self.dist.name}"
+
+
+@dataclass(frozen=True, eq=False)
+class CostSpec:
+    name: str
+    source: str | None
+    plates: tuple
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _leaf_names(distribution: Any, leaves: list) -> tuple:
+    """Names of the distribution's operands (``loc``, ``scale``, ...), found by identity."""
+    candidates: list[tuple[str, Any]] = []
+    d, prefix = distribution, ""
+    while d is not None:
+        for k in getattr(d, "arg_constraints", {}):
+            v = d.__dict__.get(k)
+            if v is not None:
+                candidates.append((prefix + k, v))
+        d, prefix = getattr(d, "base_dist", None), prefix + "base."
+    names = []
+    for i, leaf in enumerate(leaves):
+        found = next((k for k, v in candidates if v is leaf), None)
+        names.append(found or f"arg{i}")
+    return tuple(names)
+
+
+def _as_operand(leaf: Any) -> Any:
+    return leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+
+
+def _dist_spec(distribution: Any) -> tuple[DistSpec, list]:
+    leaves, treedef = jax.tree_util.tree_flatten(distribution)
+    names = _leaf_names(distribution, leaves)
+    return DistSpec(type(distribution), treedef, names), [_as_operand(x) for x in leaves]
+
+
+def _check_distribution(api: str, name: str, distribution: Any) -> None:
+    if not isinstance(distribution, dist.Distribution):
+        raise ModelError(
+            f"{api}: site {name!r} was given {type(distribution).__name__!s} ({distribution!r:.60}), "
+            "not a distribution. Pass a numpyro.distributions object, e.g. "
+            "scg.sample('z', dist.Normal(loc, scale)).",
+            site=name, source=_caller_source())
+
+
+def _check_plates(kind: str, name: str, shape: tuple, plates: tuple, source: str | None) -> None:
+    for p in plates:
+        if len(shape) <= p.dim or shape[p.dim] != p.size:
+            found = f"size {shape[p.dim]}" if len(shape) > p.dim else "no such dimension"
+            raise ModelError(
+                f"{kind} {name!r} is inside plate {p.name!r} of size {p.size}, so its dimension {p.dim} "
+                f"must have size {p.size}, but its shape is {tuple(shape)} ({found}). Make the plate "
+                "dimension the leading dimension (vectorize over the examples), or move the "
+                f"{kind} outside the plate.", site=name, source=source)
+
+
+# --- the user-facing primitives --------------------------------------------------------------------
+
+
+def sample(name: str, distribution: Any) -> jax.Array:
+    """Draws the site ``name`` from ``distribution`` (a ``numpyro.distributions`` object).
+
+    Inside a traced model this records a stochastic node; the value is drawn by
+    the compiled objective from a key derived from the objective's key and ``name``.
+    """
+    state = _state("scg.sample", name)
+    source = _caller_source()
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"scg.sample: the site name must be a non-empty string, got {name!r}", source=source)
+    _check_distribution("scg.sample", name, distribution)
+    if name in state.site_names:
+        raise ModelError(
+            f"duplicate site name {name!r} (first sampled at {state.site_names[name]}); site names must be "
+            "unique within a model: give each scg.sample its own name (e.g. f'z_{i}' in a loop)",
+            site=name, source=source)
+    spec, leaves = _dist_spec(distribution)
+    try:
+        shapes = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+        out = jax.eval_shape(lambda ls: spec.build(ls).sample(jax.random.key(0)), shapes)
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"site {name!r}: cannot draw from {spec.name} with these parameters: {e}",
+                         site=name, source=source) from e
+    plates = tuple(state.plates)
+    _check_plates("site", name, out.shape, plates, source)
+    support = getattr(distribution, "support", None)
+    site_spec = SiteSpec(
+        name=name, dist=spec, shape=tuple(out.shape), dtype=out.dtype, source=source, plates=plates,
+        discrete=bool(getattr(support, "is_discrete", False)),
+        enumerable=bool(distribution.has_enumerate_support),
+        reparameterizable=bool(distribution.has_rsample))
+    state.site_names[name] = source or "?"
+    value = _jax.sample_p.bind(*leaves, spec=site_spec)
+    state.outputs.append(value)
+    return value
+
+
+def cost(name: str, value: Any) -> None:
+    """Declares ``value`` (a floating array) a cost: its elements are summed into the loss."""
+    state = _state("scg.cost", name)
+    source = _caller_source()
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"scg.cost: the cost name must be a non-empty string, got {name!r}", source=source)
+    if name in state.cost_names:
+        raise ModelError(
+            f"duplicate cost name {name!r} (first declared at {state.cost_names[name]}); cost names must be "
+            "unique within a model", site=name, source=source)
+    if isinstance(value, (float, int)) and not isinstance(value, bool):
+        value = jnp.asarray(value, dtype=jnp.result_type(float))
+    if not isinstance(value, (jax.Array, np.ndarray)):
+        raise ModelError(
+            f"cost {name!r} is a {type(value).__name__}, not an array; pass a JAX array of floats "
+            "(e.g. jnp.sum(...)); its elements are summed into the loss", site=name, source=source)
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise ModelError(
+            f"cost {name!r} has dtype {value.dtype}, but costs must be floating arrays; convert it "
+            "with .astype(jnp.float32) if the value is meant as a number", site=name, source=source)
+    plates = tuple(state.plates)
+    _check_plates("cost", name, value.shape, plates, source)
+    state.cost_names[name] = source or "?"
+    out = _jax.cost_p.bind(jnp.asarray(value), spec=CostSpec(name, source, plates))
+    state.outputs.append(out)
+
+
+def log_prob(distribution: Any, value: Any) -> jax.Array:
+    """``distribution.log_prob(value)``, recorded so that passes can recognize it.
+
+    Inside a model this is the form ``integrate_kl`` pattern-matches (a sampled KL
+    ``log q(z) - log p(z)``). Outside a model it simply evaluates the log density.
+    """
+    stack = getattr(_local, "stack", None)
+    if not stack:
+        return distribution.log_prob(value)
+    source = _caller_source()
+    _check_distribution("scg.log_prob", "<log_prob>", distribution)
+    spec, leaves = _dist_spec(distribution)
+    value = _as_operand(value)
+    try:
+        shapes = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in (*leaves, value)]
+        out = jax.eval_shape(lambda ls: spec.build(ls[:-1]).log_prob(ls[-1]), shapes)
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"scg.log_prob: {spec.name}.log_prob cannot take a value of shape "
+                         f"{jnp.shape(value)}: {e}", source=source) from e
+    return _jax.log_prob_p.bind(*leaves, value, spec=LogProbSpec(spec, tuple(out.shape), out.dtype, source))
+
+
+@contextlib.contextmanager
+def plate(name: str, size: int):
+    """Declares a conditionally independent batch dimension (the Pyro/NumPyro idiom).
+
+    Inside ``with scg.plate("data", N):`` dimension ``k`` of every site and cost
+    (``k`` = the number of enclosing plates) has size ``N`` and indexes examples
+    that are independent given what is outside the plate, so the score term of
+    example ``i`` is multiplied only by example ``i``'s downstream costs.
+    """
+    state = _state("scg.plate", name)
+    if any(p.name == name for p in state.plates):
+        raise ModelError(f"plate {name!r} is already open; nested plates need distinct names", site=name,
+                         source=_caller_source())
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise ModelError(f"plate {name!r}: size must be a positive int, got {size!r}", site=name,
+                         source=_caller_source())
+    state.plates.append(Plate(name, int(size), len(state.plates)))
+    try:
+        yield
+    finally:
+        state.plates.pop()
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+def _check_params(model_name: str, params: Any) -> None:
+    leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
+    if not leaves_with_paths:
+        raise ModelError(f"model {model_name!r}: the first argument (the parameters) has no array leaves; "
+                         "pass a pytree of floating arrays, e.g. {'w': jnp.zeros(3)}")
+    for path, leaf in leaves_with_paths:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None and isinstance(leaf, float):
+            continue
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            where = "params" + jax.tree_util.keystr(path)
+            kind = f"dtype {dtype}" if dtype is not None else f"a {type(leaf).__name__}"
+            raise ModelError(
+                f"model {model_name!r}: parameter {where} is {kind}; the first argument must be a pytree "
+                "of floating arrays (gradients are taken with respect to it). Pass data and integer "
+                "settings as later arguments or close over them.")
+
+
+def _translate_trace_error(model_name: str, e: Exception) -> ModelError | None:
+    text = str(e)
+    if "broadcast" in text.lower() or "incompatible shapes" in text.lower():
+        frames = [(f.filename, f.lineno) for f in reversed(traceback.extract_tb(e.__traceback__))]
+        return ModelError(
+            f"model {model_name!r}: distribution parameters do not broadcast: {text}. Give every "
+            "parameter of a distribution shapes that broadcast together (numpy rules)",
+            source=_jax.user_source_of_frames(frames))
+    return None
+
+
+class Model:
+    """A model function decorated with :func:`model`. ``model.trace(params, *args)`` gives its Graph."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "model")
+        functools.update_wrapper(self, fn)
+        try:
+            self._arg_names = list(inspect.signature(fn).parameters)[1:]
+        except (TypeError, ValueError):
+            self._arg_names = []
+
+    def __call__(self, params, *args):
+        return self.fn(params, *args)
+
+    def trace(self, params: Any, *args: Any) -> Graph:
+        """Traces one call into a Graph. Only shapes and dtypes of the arguments matter."""
+        _check_params(self.name, params)
+        param_leaves, params_treedef = jax.tree_util.tree_flatten_with_path(params)
+        input_leaves, inputs_treedef = jax.tree_util.tree_flatten_with_path(tuple(args))
+        param_names = tuple("params" + jax.tree_util.keystr(p) for p, _ in param_leaves)
+        input_names = tuple(self._input_name(p) for p, _ in input_leaves)
+        params_def = jax.tree_util.tree_structure(params)
+        inputs_def = jax.tree_util.tree_structure(tuple(args))
+
+        with _tracing(self.name) as state:
+            def flat(p_leaves, x_leaves):
+                p = jax.tree_util.tree_unflatten(params_def, p_leaves)
+                xs = jax.tree_util.tree_unflatten(inputs_def, x_leaves)
+                try:
+                    self.fn(p, *xs)
+                except (ValueError, TypeError) as e:
+                    translated = _translate_trace_error(self.name, e)
+                    if translated is None:
+                        raise
+                    raise translated from e
+                return list(state.outputs)
+
+            closed = jax.make_jaxpr(flat)([l for _, l in param_leaves], [l for _, l in input_leaves])
+        n_params = len(param_leaves)
+        return graph_from_jaxpr(self.name, closed, n_params, params_treedef, param_names, inputs_treedef, input_names)
+
+    def _input_name(self, path) -> str:
+        # path[0] indexes the positional data argument; name it after the function's parameter
+        first, rest = path[0], path[1:]
+        index = getattr(first, "idx", None)
+        base = self._arg_names[index] if index is not None and index < len(self._arg_names) else f"args[{index}]"
+        return base + jax.tree_util.keystr(tuple(rest))
+
+
+def model(fn: Callable) -> Model:
+    """Decorates a model function ``fn(params, *data)`` that calls scg.sample / scg.cost."""
+    return Model(fn)
+
+
+# --- jaxpr -> IR -----------------------------------------------------------------------------------
+
+# call-like primitives whose body is inlined: they change nothing about the math
+_INLINE = {"jit", "pjit", "closed_call", "core_call"}
+# higher-order primitives kept as one opaque deterministic node (their bodies must hold no scg primitive)
+_OPAQUE = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "scan", "while", "cond",
+           "checkpoint", "remat", "custom_lin"}
+_SCG_NAMES = {p.name: p for p in _jax.SCG_PRIMITIVES}
+_SCG_API = {"scg_sample": "scg.sample", "scg_cost": "scg.cost", "scg_log_prob": "scg.log_prob"}
+
+
+def _find_scg_primitive(jaxpr) -> str | None:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _SCG_NAMES:
+            return eqn.primitive.name
+        for sub in _jax.sub_jaxprs(eqn.params):
+            found = _find_scg_primitive(sub)
+            if found:
+                return found
+    return None
+
+
+class _JaxprReader:
+    """Reads jaxpr equations into IR nodes (one node per equation; ``jit`` calls inlined)."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.env: dict = {}
+        self.consts: list = []
+        self.nodes: list = []
+
+    @staticmethod
+    def fresh(v) -> Var:
+        return Var(tuple(v.aval.shape), v.aval.dtype)
+
+    def read(self, a):
+        if _jax.is_literal(a):
+            val = _jax.literal_value(a)
+            return Literal(val, tuple(np.shape(val)), a.aval.dtype)
+        return self.env[a]
+
+    def bind_consts(self, constvars, values) -> None:
+        for v, c in zip(constvars, values):
+            self.env[v] = self.fresh(v)
+            self.consts.append((self.env[v], c))
+
+    def emit(self, eqns) -> None:
+        for eqn in eqns:
+            prim = eqn.primitive
+            inputs = [self.read(a) for a in eqn.invars]
+            if prim.name in _INLINE and "jaxpr" in eqn.params:
+                sub = eqn.params["jaxpr"]
+                sub_jaxpr = sub.jaxpr if isinstance(sub, _jax.ClosedJaxpr) else sub
+                self.bind_consts(sub_jaxpr.constvars, sub.consts if isinstance(sub, _jax.ClosedJaxpr) else [])
+                for v, a in zip(sub_jaxpr.invars, inputs):
+                    self.env[v] = a
+                self.emit(sub_jaxpr.eqns)
+                for outer, inner in zip(eqn.outvars, sub_jaxpr.outvars):
+                    self.env[outer] = self.read(inner)
+                continue
+            outputs = [self.fresh(v) for v in eqn.outvars]
+            for v, o in zip(eqn.outvars, outputs):
+                self.env[v] = o
+            if prim is _jax.sample_p:
+                spec = eqn.params["spec"]
+                self.nodes.append(Site(
+                    name=spec.name, dist=spec.dist, inputs=tuple(inputs), output=outputs[0], source=spec.source,
+                    key_name=spec.name, plates=spec.plates, discrete=spec.discrete, enumerable=spec.enumerable,
+                    reparameterizable=spec.reparameterizable))
+            elif prim is _jax.log_prob_p:
+                spec = eqn.params["spec"]
+                self.nodes.append(LogProb(dist=spec.dist, dist_inputs=tuple(inputs[:-1]), value=inputs[-1],
+                                          output=outputs[0], source=spec.source))
+            elif prim is _jax.cost_p:
+                spec = eqn.params["spec"]
+                # the cost primitive is the identity: its output is its input
+                self.env[eqn.outvars[0]] = inputs[0]
+                self.nodes.append(Cost(name=spec.name, input=inputs[0], source=spec.source, plates=spec.plates))
+            else:
+                self._check_higher_order(eqn)
+                self.nodes.append(Equation(prim, dict(eqn.params), tuple(inputs), tuple(outputs),
+                                           _jax.equation_source(eqn)))
+
+    def _check_higher_order(self, eqn) -> None:
+        subs = list(_jax.sub_jaxprs(eqn.params))
+        if not subs:
+            return
+        prim, source = eqn.primitive, _jax.equation_source(eqn)
+        inner = next((f for f in map(_find_scg_primitive, subs) if f), None)
+        if inner:
+            raise ModelError(
+                f"model {self.model_name!r}: {_SCG_API[inner]} is called inside `{prim.name}` "
+                f"(e.g. jax.lax.{prim.name} or a custom derivative rule); scg cannot see sites or "
+                "costs inside control flow. Unroll the loop in Python or vectorize the sites "
+                "(one site with a batch dimension).", source=source)
+        if prim.name not in _OPAQUE:
+            raise UnsupportedPrimitiveError(
+                f"model {self.model_name!r}: the higher-order primitive {prim.name!r} is unknown to scg's "
+                f"dependency walk, which refuses rather than guesses its data flow. Known ones: "
+                f"{', '.join(sorted(_INLINE | _OPAQUE))}. Rewrite this part without it, or "
+                "compute it outside the model and pass the result as data.",
+                primitive=prim.name, source=source)
+
+
+def graph_from_jaxpr(name, closed, n_params, params_treedef, param_names, inputs_treedef, input_names) -> Graph:
+    """Reads a closed jaxpr of a traced model into a Graph."""
+    reader = _JaxprReader(name)
+    reader.bind_consts(closed.jaxpr.constvars, closed.consts)
+    invars = [reader.fresh(v) for v in closed.jaxpr.invars]
+    for v, iv in zip(closed.jaxpr.invars, invars):
+        reader.env[v] = iv
+    reader.emit(closed.jaxpr.eqns)
+    graph = Graph(
+        name=name, params=tuple(invars[:n_params]), params_treedef=params_treedef, param_names=param_names,
+        inputs=tuple(invars[n_params:]), inputs_treedef=inputs_treedef, input_names=input_names,
+        consts=tuple(reader.consts), nodes=tuple(reader.nodes))
+    graph.validate()
+    # distribution constructors leave argument-validation computations nobody reads
+    return eliminate_dead_code(graph)
+
+
+def emit(fn: Callable, inputs: list, name: str = "pass", source: str | None = None) -> tuple[list, list, list]:
+    """Traces ``fn(*input_values)`` and returns ``(nodes, outputs, consts)`` that compute it from ``inputs``.
+
+    Passes use this to build deterministic nodes (``loc + scale * eps``, an analytic KL)
+    in the graph's own IR, from the same jaxpr reading the tracer uses.
+    """
+    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs]
+    closed = jax.make_jaxpr(lambda *xs: fn(*xs))(*avals)
+    reader = _JaxprReader(name)
+    reader.bind_consts(closed.jaxpr.constvars, closed.consts)
+    for v, a in zip(closed.jaxpr.invars, inputs):
+        reader.env[v] = a
+    reader.emit(closed.jaxpr.eqns)
+    outputs = [reader.read(v) for v in closed.jaxpr.outvars]
+    nodes = [n.replace(source=source) for n in reader.nodes]
+    return nodes, outputs, reader.consts
