@@ -54,6 +54,11 @@ def expectation(model_or_graph: Any, params: Any, *args: Any, order: int = integ
     ``order`` points per coordinate (exact for polynomial costs of degree
     ``< 2·order``). Raises ``BudgetError`` when the joint grid has more than
     ``budget`` points and ``IntractableError`` for a site of another family.
+
+    Quadrature is exact for polynomials and very accurate for smooth costs; it
+    is *not* for costs that jump in a Normal site's value (``z > 0``): there the
+    gradient through the quadrature points misses the jump. Check such models
+    with discrete sites or closed forms.
     """
     graph = _graph_of(model_or_graph, params, args)
     param_leaves = jax.tree_util.tree_leaves(params)

@@ -71,7 +71,7 @@ def support_points(d: Any, shape: tuple, dtype: Any, order: int) -> tuple[jax.Ar
         log_w = jnp.asarray(np.sum(np.log(weights[idx] / math.sqrt(math.pi)), axis=1), dtype=dtype)
         loc = jnp.broadcast_to(d.mean, shape)
         scale = jnp.sqrt(jnp.broadcast_to(d.variance, shape))
-        return loc + math.sqrt(2.0) * scale * x, log_w
+        return loc[None] + math.sqrt(2.0) * scale[None] * x, log_w
     raise IntractableError("", site="")
 
 

@@ -422,7 +422,7 @@ def format_graph(graph: Graph) -> str:
             outs = " ".join(typed(v) for v in n.outputs)
             rows.append((f"{outs} = {head} {' '.join(name(a) for a in n.inputs)}", src))
         elif isinstance(n, Site):
-            args = ", ".join(f"{k}={name(a)}" for k, a in zip(n.dist.leaf_names, n.inputs))
+            args = ", ".join(f"{k}={name(a)}" for k, a in sorted(zip(n.dist.leaf_names, n.inputs), key=lambda t: t[0]))
             tags = []
             if n.reparameterized:
                 tags.append("reparameterized")
@@ -434,7 +434,7 @@ def format_graph(graph: Graph) -> str:
             tag = f"  [{kind}{', ' if tags else ''}{', '.join(tags)}]"
             rows.append((f"{typed(n.output)} ~ {n.dist.name}({args}){tag}", src))
         elif isinstance(n, LogProb):
-            args = ", ".join(f"{k}={name(a)}" for k, a in zip(n.dist.leaf_names, n.dist_inputs))
+            args = ", ".join(f"{k}={name(a)}" for k, a in sorted(zip(n.dist.leaf_names, n.dist_inputs), key=lambda t: t[0]))
             rows.append((f"{typed(n.output)} = log_prob {n.dist.name}({args}) at {name(n.value)}", src))
         elif isinstance(n, Cost):
             plates = f"  [plates={','.join(p.name for p in n.plates)}]" if n.plates else ""

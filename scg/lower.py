@@ -74,9 +74,12 @@ class Objective:
             else:
                 graph = self.source.trace(*_abstract((params, *args)))
             certificates = []
-            for p in self.passes:
-                graph, cert = p(graph)
-                certificates.append(cert)
+            # passes build constants; when a method is first called under an outer jit they must
+            # stay concrete values, not tracers of that jit
+            with jax.ensure_compile_time_eval():
+                for p in self.passes:
+                    graph, cert = p(graph)
+                    certificates.append(cert)
             self._graphs[sig] = (graph, tuple(certificates))
         return self._graphs[sig]
 

@@ -174,7 +174,7 @@ def reparameterize(graph: Graph, sites: Iterable[str] | None = None, *, allow_pr
         if _site_is_normal(current_site):
             eps = Var(current_site.output.shape, current_site.output.dtype)
             shape = current_site.output.shape
-            noise_dist = dist.Normal(jnp.zeros(shape, current_site.output.dtype), jnp.ones(shape, current_site.output.dtype))
+            noise_dist = dist.Normal(np.zeros(shape, current_site.output.dtype), np.ones(shape, current_site.output.dtype))
             leaves, treedef = jax.tree_util.tree_flatten(noise_dist)
             from scg.ir import DistSpec
 

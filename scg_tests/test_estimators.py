@@ -1,0 +1,297 @@
+"""The lowered estimator: unbiasedness against closed forms and exact expectations, jit/vmap
+behaviour, particles, baselines, DiCE higher-order gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+import scg
+
+
+def mc_mean_and_se(samples):
+    samples = np.asarray(samples, dtype=np.float64)
+    return samples.mean(0), samples.std(0, ddof=1) / np.sqrt(samples.shape[0])
+
+
+def assert_within_se(samples, exact, k=4.0):
+    mean, se = mc_mean_and_se(samples)
+    exact = np.asarray(exact, dtype=np.float64)
+    assert np.all(np.abs(mean - exact) < k * se + 1e-6), (mean, exact, se)
+
+
+def estimates(objective, params, *args, key, n=4000, num_samples=1):
+    grad = objective.unjitted_grad(params, *args, num_samples=num_samples)
+    return jax.jit(jax.vmap(grad))(jax.random.split(key, n))
+
+
+# --- closed forms through the score-function path -----------------------------------------------
+
+
+@scg.model
+def normal_square(p, x):
+    z = scg.sample("z", dist.Normal(p["mu"], jnp.exp(p["log_sigma"])))
+    scg.cost("c", (z - x) ** 2)
+
+
+def test_normal_score_function_against_closed_form(key):
+    # E[(z − x)²] = (μ − x)² + σ²  ⇒  ∂μ = 2(μ − x), ∂logσ = 2σ²
+    p, x = {"mu": jnp.array(0.7), "log_sigma": jnp.array(-0.4)}, jnp.array(0.2)
+    g = estimates(scg.compile(normal_square, passes=[]), p, x, key=key)
+    assert_within_se(g["mu"], 2 * (0.7 - 0.2))
+    assert_within_se(g["log_sigma"], 2 * np.exp(-0.8))
+    np.testing.assert_allclose(scg.expectation(normal_square, p, x), (0.7 - 0.2) ** 2 + np.exp(-0.8), rtol=1e-5)
+
+
+@scg.model
+def bernoulli_categorical(p, x):
+    b = scg.sample("b", dist.Bernoulli(logits=p["l"]))
+    c = scg.sample("c", dist.Categorical(logits=p["cl"]))
+    scg.cost("c", (b - x) ** 2 + jnp.take(jnp.array([1.0, -2.0, 3.0]), c) * b)
+
+
+def test_discrete_score_function_against_enumeration(key):
+    p = {"l": jnp.array(0.3), "cl": jnp.array([0.1, -0.5, 0.4])}
+    x = jnp.array(0.25)
+    # closed form: s = σ(l), π = softmax(cl): E = s(1−x)² + (1−s)x² + s Σπ_k v_k
+    def exact(p):
+        s = jax.nn.sigmoid(p["l"])
+        pi = jax.nn.softmax(p["cl"])
+        return s * (1 - x) ** 2 + (1 - s) * x ** 2 + s * jnp.dot(pi, jnp.array([1.0, -2.0, 3.0]))
+
+    np.testing.assert_allclose(scg.expectation(bernoulli_categorical, p, x), exact(p), rtol=1e-6)
+    truth = jax.grad(exact)(p)
+    g = estimates(scg.compile(bernoulli_categorical, passes=[]), p, x, key=key)
+    assert_within_se(g["l"], truth["l"])
+    assert_within_se(g["cl"], truth["cl"])
+
+
+@pytest.mark.parametrize("make, mean", [
+    (lambda a: dist.Gamma(jnp.exp(a), 2.0), lambda a: jnp.exp(a) / 2.0),
+    (lambda a: dist.Beta(jnp.exp(a), 1.5), lambda a: jnp.exp(a) / (jnp.exp(a) + 1.5)),
+    (lambda a: dist.Exponential(jnp.exp(a)), lambda a: jnp.exp(-a)),
+    (lambda a: dist.Poisson(jnp.exp(a)), lambda a: jnp.exp(a)),
+    (lambda a: dist.LogNormal(a, 0.5), lambda a: jnp.exp(a + 0.125)),
+    (lambda a: dist.Geometric(probs=jax.nn.sigmoid(a)), lambda a: (1 - jax.nn.sigmoid(a)) / jax.nn.sigmoid(a)),
+], ids=["gamma", "beta", "exponential", "poisson", "lognormal", "geometric"])
+def test_other_families_through_the_score_function(make, mean, key):
+    @scg.model
+    def m(p, x):
+        z = scg.sample("z", make(p["a"]))
+        scg.cost("c", z.astype(jnp.float32))
+
+    a = jnp.array(0.3)
+    g = estimates(scg.compile(m, passes=[]), {"a": a}, jnp.zeros(()), key=key, n=6000)
+    assert_within_se(g["a"], jax.grad(mean)(a))
+
+
+@pytest.mark.parametrize("make, mean", [
+    (lambda a: dist.Gamma(jnp.exp(a), 2.0), lambda a: jnp.exp(a) / 2.0),
+    (lambda a: dist.Beta(jnp.exp(a), 1.5), lambda a: jnp.exp(a) / (jnp.exp(a) + 1.5)),
+], ids=["gamma", "beta"])
+def test_rsample_families_through_the_pathwise_path(make, mean, key):
+    @scg.model
+    def m(p, x):
+        z = scg.sample("z", make(p["a"]))
+        scg.cost("c", z)
+
+    a = jnp.array(0.3)
+    obj = scg.compile(m)  # auto: marks the site reparameterized (implicit reparameterization)
+    assert obj.graph_for({"a": a}, jnp.zeros(())).site("z").reparameterized
+    g = estimates(obj, {"a": a}, jnp.zeros(()), key=key, n=4000)
+    assert_within_se(g["a"], jax.grad(mean)(a))
+
+
+# --- jit, vmap, keys, retracing --------------------------------------------------------------------
+
+
+def test_same_key_same_sample_under_jit_vmap_and_twice(key):
+    obj = scg.compile(bernoulli_categorical, passes=[])
+    p = {"l": jnp.array(0.3), "cl": jnp.array([0.1, -0.5, 0.4])}
+    x = jnp.array(0.25)
+    a = obj.loss(p, x, key=key)
+    b = obj.loss(p, x, key=key)
+    assert a == b
+    keys = jax.random.split(key, 8)
+    batched = jax.vmap(lambda k: obj.loss(p, x, key=k))(keys)
+    looped = jnp.stack([obj.loss(p, x, key=k) for k in keys])
+    np.testing.assert_array_equal(batched, looped)
+    with jax.disable_jit():
+        unjitted = scg.compile(bernoulli_categorical, passes=[]).grad(p, x, key=key)
+    jitted = obj.grad(p, x, key=key)
+    for u, j in zip(jax.tree_util.tree_leaves(unjitted), jax.tree_util.tree_leaves(jitted)):
+        np.testing.assert_allclose(u, j, rtol=1e-6)
+
+
+def test_passes_keep_the_sample(key):
+    p, x = {"mu": jnp.array(0.7), "log_sigma": jnp.array(-0.4)}, jnp.array(0.2)
+    naive = scg.compile(normal_square, passes=[]).loss(p, x, key=key)
+    auto = scg.compile(normal_square).loss(p, x, key=key)
+    np.testing.assert_allclose(naive, auto, rtol=1e-6)
+
+
+def test_no_retrace_when_only_values_change(key):
+    obj = scg.compile(normal_square)
+    p = {"mu": jnp.array(0.7), "log_sigma": jnp.array(-0.4)}
+    for i in range(3):
+        obj.value_and_grad(jax.tree_util.tree_map(lambda v: v + i, p), jnp.array(0.1 * i), key=jax.random.fold_in(key, i))
+    assert obj.trace_count == 1
+    obj.value_and_grad(p, jnp.ones(2), key=key)  # a new shape traces once more
+    assert obj.trace_count == 2
+
+
+def test_value_and_grad_value_is_the_loss(key):
+    obj = scg.compile(bernoulli_categorical, passes=[])
+    p = {"l": jnp.array(0.3), "cl": jnp.array([0.1, -0.5, 0.4])}
+    value, grads = obj.value_and_grad(p, jnp.array(0.25), key=key)
+    assert value == obj.loss(p, jnp.array(0.25), key=key)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(p)
+
+
+def test_num_samples_averages_particles(key):
+    obj = scg.compile(bernoulli_categorical, passes=[])
+    p = {"l": jnp.array(0.3), "cl": jnp.array([0.1, -0.5, 0.4])}
+    x = jnp.array(0.25)
+    one = estimates(obj, p, x, key=key, n=3000)["l"]
+    eight = estimates(obj, p, x, key=key, n=3000, num_samples=8)["l"]
+    assert_within_se(eight, jnp.mean(one), k=5.0)
+    ratio = np.var(one) / np.var(eight)
+    assert 5.0 < ratio < 12.0  # ≈ 8 for independent particles
+
+
+def test_bad_num_samples(key):
+    obj = scg.compile(normal_square)
+    with pytest.raises(ValueError, match="num_samples must be a positive int"):
+        obj.grad({"mu": jnp.array(0.0), "log_sigma": jnp.array(0.0)}, jnp.zeros(()), key=key, num_samples=0)
+
+
+def test_compile_rejects_non_models():
+    with pytest.raises(TypeError, match=r"decorated with @scg.model"):
+        scg.compile(lambda p: p)
+    with pytest.raises(ValueError, match=r"unknown pass 'reparam'"):
+        scg.compile(normal_square, passes=["reparam"])
+    with pytest.raises(ValueError, match=r"unknown baseline 'mean'"):
+        scg.compile(normal_square, baseline="mean")
+
+
+# --- downstream costs only: lower variance than Certigrad's all-costs estimator ---------------------
+
+
+@scg.model
+def two_independent(p, x):
+    a = scg.sample("a", dist.Bernoulli(logits=p["la"]))
+    b = scg.sample("b", dist.Bernoulli(logits=p["lb"]))
+    scg.cost("ca", (a - 0.3) ** 2)
+    scg.cost("cb", 10.0 * b + 5.0)  # large, and not downstream of a
+
+
+def test_downstream_costs_reduce_variance(key):
+    p = {"la": jnp.array(0.2), "lb": jnp.array(-0.1)}
+    g = estimates(scg.compile(two_independent, passes=[]), p, jnp.zeros(()), key=key, n=4000)["la"]
+    truth = jax.grad(lambda q: scg.expectation(two_independent, q, jnp.zeros(())))(p)["la"]
+    assert_within_se(g, truth)
+    # Certigrad's estimator: ∇log p(a) · (all costs)
+    def all_costs(k):
+        ka, kb = jax.random.split(k)
+        s = jax.nn.sigmoid(p["la"])
+        a = jax.random.bernoulli(ka, s).astype(jnp.float32)
+        b = jax.random.bernoulli(kb, jax.nn.sigmoid(p["lb"])).astype(jnp.float32)
+        return (a - s) * ((a - 0.3) ** 2 + 10.0 * b + 5.0)
+
+    certigrad = jax.vmap(all_costs)(jax.random.split(key, 4000))
+    assert_within_se(certigrad, truth)
+    assert np.var(certigrad) > 50 * np.var(g)
+
+
+# --- baselines -------------------------------------------------------------------------------------
+
+
+def test_leave_one_out_is_unbiased_and_lowers_variance(key):
+    p = {"l": jnp.array(0.3), "cl": jnp.array([0.1, -0.5, 0.4])}
+    x = jnp.array(3.0)  # a large constant offset in the cost: the case baselines are for
+    truth = jax.grad(lambda q: scg.expectation(bernoulli_categorical, q, x))(p)
+    plain = estimates(scg.compile(bernoulli_categorical, passes=[]), p, x, key=key, n=3000, num_samples=4)
+    loo = estimates(scg.compile(bernoulli_categorical, passes=[], baseline="leave_one_out"), p, x, key=key,
+                    n=3000, num_samples=4)
+    assert_within_se(loo["l"], truth["l"])
+    assert_within_se(loo["cl"], truth["cl"])
+    assert np.var(plain["l"]) > 3 * np.var(loo["l"])
+
+
+def test_leave_one_out_needs_two_particles(key):
+    obj = scg.compile(bernoulli_categorical, passes=[], baseline="leave_one_out")
+    with pytest.raises(ValueError, match="needs num_samples >= 2"):
+        obj.grad({"l": jnp.array(0.3), "cl": jnp.zeros(3)}, jnp.zeros(()), key=key)
+
+
+# --- DiCE: higher-order derivatives are unbiased -----------------------------------------------------
+
+
+@scg.model
+def mixed_small(p, x):
+    b = scg.sample("b", dist.Bernoulli(logits=p["t"][0]))
+    z = scg.sample("z", dist.Normal(p["t"][1] * b, 1.0))
+    scg.cost("c", z ** 2 + jnp.sin(p["t"][0] * z) + b * p["t"][1])
+
+
+@pytest.mark.parametrize("passes", [[], "auto"])
+def test_hessian_of_the_surrogate_is_unbiased(passes, key):
+    p, x = {"t": jnp.array([0.3, -0.6])}, jnp.zeros(())
+    exact = jax.hessian(lambda q: scg.expectation(mixed_small, q, x))(p)["t"]["t"]
+    obj = scg.compile(mixed_small, passes=passes)
+    hess = jax.jit(jax.vmap(lambda k: jax.hessian(lambda q: obj.surrogate(q, x, key=k))(p)["t"]["t"]))
+    draws = hess(jax.random.split(key, 6000))
+    assert_within_se(draws.reshape(-1, 4), exact.reshape(4), k=4.5)
+
+
+# --- exact expectations --------------------------------------------------------------------------
+
+
+def test_expectation_budget_error():
+    @scg.model
+    def big(p, x):
+        z = scg.sample("z", dist.Bernoulli(logits=p["l"] * jnp.ones(30)))
+        scg.cost("c", jnp.sum(z).astype(jnp.float32))
+
+    with pytest.raises(scg.BudgetError, match=r"at least 1,073,741,824 points .*above the budget of 1,048,576"):
+        scg.expectation(big, {"l": jnp.array(0.0)}, jnp.zeros(()))
+
+
+def test_expectation_refuses_other_families():
+    @scg.model
+    def gamma(p, x):
+        scg.cost("c", scg.sample("g", dist.Gamma(jnp.exp(p["a"]), 1.0)))
+
+    with pytest.raises(scg.IntractableError, match=r"site 'g' has family Gamma"):
+        scg.expectation(gamma, {"a": jnp.array(0.0)}, jnp.zeros(()))
+
+
+def test_expectation_gauss_hermite_is_exact_for_polynomials():
+    @scg.model
+    def poly(p, x):
+        z = scg.sample("z", dist.Normal(p["m"] * jnp.ones(2), jnp.array([0.5, 2.0])).to_event(1))
+        scg.cost("c", z[0] ** 4 + z[0] * z[1] ** 2)
+
+    m = 0.3
+    # E[z0^4] = m^4 + 6 m^2 s0^2 + 3 s0^4 ; E[z0 z1^2] = m (m^2 + s1^2)
+    exact = m**4 + 6 * m**2 * 0.25 + 3 * 0.0625 + m * (m**2 + 4.0)
+    np.testing.assert_allclose(scg.expectation(poly, {"m": jnp.array(m)}, jnp.zeros(()), order=4), exact, rtol=1e-5)
+
+
+def test_check_grad_report_fails_on_a_wrong_estimator(key):
+    p, x = {"mu": jnp.array(0.7), "log_sigma": jnp.array(-0.4)}, jnp.array(0.2)
+    report = scg.check_grad(normal_square, p, x, key=key, num_samples=2000)
+    assert report.ok and "check_grad: ok" in str(report) and "params['mu']" in str(report)
+
+    def biased(graph):  # a "pass" that drops the score terms by claiming every site is reparameterized
+        from scg.ir import Site
+        nodes = tuple(n.replace(reparameterized=True) if isinstance(n, Site) else n for n in graph.nodes)
+        return graph.replace(nodes=nodes), None
+
+    @scg.model
+    def step(p, x):
+        z = scg.sample("z", dist.Normal(p["mu"], 1.0))
+        scg.cost("c", jax.lax.stop_gradient(z) ** 2)  # pathwise through stop_gradient: gradient 0
+
+    bad = scg.check_grad(scg.compile(step, passes=[biased]), {"mu": jnp.array(0.2)}, x, key=key, num_samples=2000)
+    assert not bad.ok and "FAILED" in str(bad)
