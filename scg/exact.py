@@ -129,7 +129,7 @@ def check_grad(model: Any, params: Any, *args: Any, key: jax.Array, num_samples:
         # sums of the estimates and of their squares, shifted by the exact value for numerical accuracy
         def chunk(carry, ks):
             g = jax.vmap(grad_one)(ks)
-            d = jax.tree_util.tree_map(lambda x, e: x - e, g, exact_grad)
+            d = jax.tree_util.tree_map(lambda x, e: x - jnp.expand_dims(e, 0), g, exact_grad)
             s1 = jax.tree_util.tree_map(lambda a, x: a + jnp.sum(x, 0), carry[0], d)
             s2 = jax.tree_util.tree_map(lambda a, x: a + jnp.sum(x * x, 0), carry[1], d)
             return (s1, s2), None
