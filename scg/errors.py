@@ -50,7 +50,7 @@ class PreconditionError(ScgError, ValueError):
     """
 
     def __init__(self, message: str, *, pass_name: str, site: str, precondition: str):
-        super().__init__(f"{pass_name}: site {site!r}: precondition {precondition!r} failed: {message}")
+        super().__init__(f"{pass_name}: site '{site}': precondition '{precondition}' failed: {message}")
         self.pass_name = pass_name
         self.site = site
         self.precondition = precondition

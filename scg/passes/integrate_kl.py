@@ -4,9 +4,10 @@ Approximates
     nothing: it removes sampling noise from log-density terms of a site ``z ~ q``.
 With
     the identities ``E_{z~q}[log q(z) − log p(z)] = KL(q‖p)`` (numpyro's
-    ``kl_divergence`` registry: Normal/Normal, Bernoulli/Bernoulli,
-    Categorical/Categorical, their ``Independent`` wrappers, and whatever else it
-    registers) and ``E_{z~q}[log q(z)] = −H(q)`` for a lone ``log q(z)``.
+    ``kl_divergence`` registry: Normal/Normal, Categorical/Categorical,
+    ``Independent`` wrappers, Beta, Gamma, Dirichlet, ...; scg registers the
+    Bernoulli and logits-parametrized Categorical pairs numpyro lacks, see
+    :mod:`scg.kl`) and ``E_{z~q}[log q(z)] = −H(q)`` for a lone ``log q(z)``.
     Both are conditional on ``q``'s and ``p``'s parameters, so the term becomes a
     deterministic function of them; the downstream-cost sets are recomputed
     from the new graph, so ``z``'s score term (if ``z`` stays score-function) no
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import kl_divergence
 
+from scg import kl as _registers_missing_kl_rules  # noqa: F401
 from scg.ir import Cost, Equation, Graph, Literal, LogProb, Site, Var, eliminate_dead_code, substitute
 from scg.passes._common import Checks, candidate_sites
 from scg.passes.certificate import Certificate
@@ -91,6 +93,26 @@ def _nonlinear_use(graph: Graph, start: Var, z_reach: frozenset) -> str | None:
     return None
 
 
+_SHAPE_ONLY = {"convert_element_type", "broadcast_in_dim", "reshape"}
+
+
+def _log_density_behind(graph: Graph, var: Var):
+    """The LogProb node behind ``var``, looking through casts and broadcasts (None if there is none).
+
+    A broadcast only repeats the term, and the replacement is broadcast to the
+    same shape, so the identity holds element by element.
+    """
+    while var in graph.producers:
+        node = graph.nodes[graph.producers[var]]
+        if isinstance(node, LogProb):
+            return node
+        if not (isinstance(node, Equation) and node.primitive.name in _SHAPE_ONLY and isinstance(node.inputs[0], Var)
+                and np.issubdtype(np.dtype(node.outputs[0].dtype), np.floating)):
+            return None
+        var = node.inputs[0]
+    return None
+
+
 def _abstract(atoms) -> list:
     return [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in atoms]
 
@@ -144,7 +166,7 @@ def integrate_kl(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Grap
         pairs = []
         for n in g.nodes:
             if isinstance(n, Equation) and n.primitive.name == "sub" and all(isinstance(a, Var) for a in n.inputs):
-                a, b = (g.nodes[g.producers[x]] if x in g.producers else None for x in n.inputs)
+                a, b = (_log_density_behind(g, x) for x in n.inputs)
                 if isinstance(a, LogProb) and isinstance(b, LogProb) and a in log_probs and b in log_probs:
                     pairs.append((n, a, b))
         if not own:
