@@ -382,7 +382,7 @@ def _param_str(key: str, value: Any) -> str | None:
 def _names_for(graph: Graph) -> Callable[[Atom], str]:
     names: dict = {}
     letters = (a + b for a in ("",) + tuple("abcdefghijklmnopqrstuvwxyz") for b in "abcdefghijklmnopqrstuvwxyz")
-    reserved = {s.name for s in graph.sites}
+    reserved = {s.name for s in graph.sites} | {s.key_name for s in graph.sites}
 
     def name(a: Atom) -> str:
         if isinstance(a, Literal):

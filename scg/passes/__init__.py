@@ -28,7 +28,7 @@ def chain(*passes: Callable) -> Callable:
         first, last = certificates[0].before if certificates else graph, graph
         cert = Certificate(
             pass_name=" → ".join(c.pass_name for c in certificates),
-            rewritten=tuple(s for c in certificates for s in c.rewritten),
+            rewritten=tuple(dict.fromkeys(s for c in certificates for s in c.rewritten)),
             nodes=tuple(n for c in certificates for n in c.nodes),
             preconditions=tuple(p for c in certificates for p in c.preconditions),
             identity="; ".join(c.identity for c in certificates if c.rewritten) or "(no rewrite)",

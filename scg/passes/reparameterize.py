@@ -32,11 +32,11 @@ import numpy as np
 import numpyro.distributions as dist
 
 from scg import _jax
-from scg.integrate import is_normal
-from scg.ir import Cost, Equation, Graph, Literal, LogProb, Site, Var, eliminate_dead_code, substitute
+from scg.integrate import _unwrap, is_normal
+from scg.ir import DistSpec, Equation, Graph, Literal, Site, Var, eliminate_dead_code, substitute
 from scg.passes._common import Checks, candidate_sites
 from scg.passes.certificate import Certificate
-from scg.trace import emit
+from scg.trace import _leaf_names, emit
 
 NAME = "reparameterize"
 NONDIFFERENTIABLE = frozenset({
@@ -109,10 +109,8 @@ def _normal_transform(site: Site):
 
     def transform(*operands):
         *leaves, eps = operands
-        d = site.dist.build(leaves)
-        loc = jnp.broadcast_to(d.mean, eps.shape)
-        scale = jnp.broadcast_to(jnp.sqrt(d.variance), eps.shape)
-        return loc + scale * eps
+        base = _unwrap(site.dist.build(leaves))  # Normal, possibly under Independent / expand
+        return jnp.broadcast_to(base.loc, eps.shape) + jnp.broadcast_to(base.scale, eps.shape) * eps
 
     return transform
 
@@ -176,10 +174,8 @@ def reparameterize(graph: Graph, sites: Iterable[str] | None = None, *, allow_pr
             shape = current_site.output.shape
             noise_dist = dist.Normal(np.zeros(shape, current_site.output.dtype), np.ones(shape, current_site.output.dtype))
             leaves, treedef = jax.tree_util.tree_flatten(noise_dist)
-            from scg.ir import DistSpec
-
             noise = Site(
-                name=f"{site.name}.eps", dist=DistSpec(dist.Normal, treedef, ("loc", "scale")),
+                name=f"{site.name}.eps", dist=DistSpec(dist.Normal, treedef, _leaf_names(noise_dist, leaves)),
                 inputs=tuple(Literal(np.asarray(x), tuple(np.shape(x)), np.asarray(x).dtype) for x in leaves),
                 output=eps, source=current_site.source, key_name=current_site.key_name,
                 plates=current_site.plates, discrete=False, enumerable=False, reparameterizable=True)

@@ -1,0 +1,181 @@
+"""The ``scg`` command: ``scg aevb ...`` trains Certigrad's AEVB on MNIST.
+
+Subcommands are registered in :data:`COMMANDS` (name -> (add_arguments, run)), so
+others (``scg sbn``) plug in beside ``aevb`` and reuse :func:`scg.train.fit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+
+class UsageError(Exception):
+    """Arguments that parse but cannot work together (reported without a traceback)."""
+
+
+# --------------------------------------------------------------------------- #
+# scg aevb
+# --------------------------------------------------------------------------- #
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _add_aevb_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=_non_negative_int, default=10,
+                        help="train up to this epoch (counting resumed ones; default 10)")
+    parser.add_argument("--batch-size", type=_positive_int, default=250, help="examples per step (default 250)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding mnist/ (default $SCG_DATA_DIR; missing files are downloaded)")
+    parser.add_argument("--out", default="runs/aevb",
+                        help="output folder: metrics.jsonl, checkpoint, PNGs (default runs/aevb)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0,
+                        help="seeds the initialization, batch order and sampling (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--passes", choices=("auto", "none"), default="auto",
+                        help="auto: analytic KL and reparameterized z (default); none: the naive "
+                             "score-function graph")
+    parser.add_argument("--eval-k", type=_non_negative_int, default=100,
+                        help="importance samples for the final test log-likelihood (0: skip; default 100)")
+    parser.add_argument("--biases", action="store_true", help="add biases to every layer (Certigrad has none)")
+    parser.add_argument("--hidden", type=_positive_int, default=1000, help="hidden layer width (default 1000)")
+    parser.add_argument("--latent", type=_positive_int, default=30, help="latent dimension (default 30)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--num-samples", type=_positive_int, default=1,
+                        help="particles per gradient estimate (default 1)")
+    parser.add_argument("--steps-per-dispatch", type=_positive_int, default=1,
+                        help="optimizer steps per jitted call (lax.scan; default 1)")
+    parser.add_argument("--eval-batch-size", type=_positive_int, default=500,
+                        help="test examples per evaluation call (default 500)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_aevb(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+    import optax
+
+    import scg
+    from scg import plots, train
+    from scg.data import load_mnist
+    from scg.models import aevb
+
+    out = pathlib.Path(args.out)
+    mnist = load_mnist(args.data_dir)
+    train_x, test_x = mnist.train_images, mnist.test_images
+    x_dim = int(train_x.shape[1])
+    if args.batch_size > train_x.shape[0]:
+        raise UsageError(f"--batch-size {args.batch_size} exceeds the {train_x.shape[0]} training images")
+
+    init_key, run_key, final_key, plot_key = jax.random.split(jax.random.key(args.seed), 4)
+    params = aevb.init_params(init_key, x_dim=x_dim, hidden=args.hidden, latent=args.latent, biases=args.biases)
+    objective = scg.compile(aevb.aevb, passes=args.passes)
+    # the test bound is always the single-sample bound with the analytic KL (lower variance)
+    eval_objective = objective if args.passes == "auto" else scg.compile(aevb.aevb, passes="auto")
+    optimizer = optax.adam(args.lr, b1=0.9, b2=0.999, eps=1e-8)
+    config = {"model": "aevb", "x_dim": x_dim, "hidden": args.hidden, "latent": args.latent,
+              "biases": args.biases, "batch_size": args.batch_size, "seed": args.seed, "passes": args.passes,
+              "lr": args.lr, "num_samples": args.num_samples, "train_examples": int(train_x.shape[0])}
+
+    def evaluate(params, key):
+        return {"test_neg_elbo": train.evaluate_loss(eval_objective, params, test_x, key=key,
+                                                     batch_size=args.eval_batch_size)}
+
+    shown = np.asarray(test_x[:50])
+    prior_key = jax.random.fold_in(plot_key, 0)
+
+    def write_plots(state: train.TrainState) -> None:
+        if state.metrics:
+            plots.plot_curve(state.metrics, out / "curve.png", title="AEVB on MNIST")
+        plots.plot_reconstructions(shown, np.asarray(aevb.reconstruct(state.params, shown)),
+                                   out / "reconstructions.png", title=f"epoch {state.epoch}")
+        plots.plot_image_grid(np.asarray(aevb.sample_prior(state.params, prior_key, 100)), out / "samples.png",
+                              title=f"samples from the prior, epoch {state.epoch}")
+
+    print(f"scg aevb: {x_dim}-{args.hidden}-{args.hidden}-{args.latent}{' with biases' if args.biases else ''}, "
+          f"passes={args.passes}, {train_x.shape[0]} training and {test_x.shape[0]} test images, "
+          f"batch {args.batch_size}, {train_x.shape[0] // args.batch_size} steps/epoch, out {out}", flush=True)
+    state = train.fit(
+        objective, optimizer, params, train.EpochBatches(train_x, args.batch_size, seed=args.seed),
+        epochs=args.epochs, key=run_key, num_samples=args.num_samples,
+        steps_per_dispatch=args.steps_per_dispatch, evaluate=evaluate, on_epoch_end=write_plots, out_dir=out,
+        resume=args.resume, config=config, train_metric="train_neg_elbo", progress=not args.no_progress,
+        log=lambda line: print(line, flush=True))
+    if not (out / "samples.png").exists() or state.epoch == 0:
+        write_plots(state)
+
+    results: dict = {"epoch": state.epoch, "step": state.step}
+    if state.metrics:
+        results["test_neg_elbo"] = state.metrics[-1]["test_neg_elbo"]
+    else:
+        results["test_neg_elbo"] = evaluate(state.params, jax.random.fold_in(final_key, 1))["test_neg_elbo"]
+    line = f"test: negative ELBO {results['test_neg_elbo']:.2f} nats (single-sample bound, analytic KL)"
+    if args.eval_k > 0:
+        log_px = aevb.iwae_log_likelihood(state.params, test_x, jax.random.fold_in(final_key, 0), args.eval_k)
+        results.update(eval_k=args.eval_k, test_iwae_log_likelihood=float(np.mean(log_px)))
+        line += f"; -log p(x) <= {-results['test_iwae_log_likelihood']:.2f} nats (IWAE, k={args.eval_k})"
+    print(line, flush=True)
+    from scg.checkpoint import atomic_write
+
+    with atomic_write(out / "final.json") as f:
+        f.write((json.dumps(results, indent=1) + "\n").encode())
+    return 0
+
+
+# --------------------------------------------------------------------------- #
+# The command.
+# --------------------------------------------------------------------------- #
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "aevb": ("train Certigrad's AEVB (a VAE, 784-1000-1000-30) on MNIST", _add_aevb_arguments, _run_aevb),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scg", description="scg: a tracing compiler for stochastic computation graphs; training commands.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``scg COMMAND ...``; returns the exit status (0 on success, 1 on an error, 2 on bad usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from scg.errors import ScgError  # CheckpointError, DataError, NonFiniteLossError, ...
+
+    try:
+        return COMMANDS[args.command][2](args)
+    except (ScgError, UsageError, FileNotFoundError) as err:
+        print(f"scg {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"scg {args.command}: interrupted; resume with --resume (the last finished epoch's "
+              "checkpoint is kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # python -m scg.cli
+    sys.exit(main())

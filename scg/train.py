@@ -1,0 +1,512 @@
+"""The training loop: any compiled objective, any optax optimizer, resumable bit for bit.
+
+``fit`` runs epochs of jitted optimizer steps on an :class:`scg.Objective` (or
+anything with the same ``value_and_grad(params, *batch, key=, num_samples=)``
+method), shows a progress bar per epoch, evaluates through a callback, appends
+one JSON line per epoch to ``metrics.jsonl`` and writes an atomic checkpoint
+after every epoch. Everything random is a pure function of the run's key and
+the step or epoch number, so a run resumed from the checkpoint of epoch ``k``
+ends with exactly the parameters of an uninterrupted run::
+
+    objective = scg.compile(model)
+    optimizer = optax.adam(1e-3)
+    batches = scg.train.EpochBatches(train_images, 250, seed=0)
+    state = scg.train.fit(objective, optimizer, params, batches, epochs=10,
+                          key=jax.random.key(0), out_dir="runs/model",
+                          evaluate=lambda params, key: {"test_loss": ...})
+
+Randomness: the run key is split once into a training and an evaluation key;
+step ``s`` (counted over the whole run from 0) uses ``fold_in(train_key, s)``,
+the evaluation after epoch ``e`` gets ``fold_in(eval_key, e)``, and the batch
+order of epoch ``e`` is whatever ``batches(e)`` yields (for :class:`EpochBatches`,
+a permutation seeded by ``(seed, e)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from scg.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from scg.data import batches as _shuffled_batches
+from scg.errors import ScgError
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "METRICS_NAME",
+    "EpochBatches",
+    "NonFiniteLossError",
+    "TrainState",
+    "evaluate_loss",
+    "fit",
+    "init_state",
+    "load_state",
+    "make_multi_step",
+    "make_step",
+    "save_state",
+]
+
+CHECKPOINT_NAME = "checkpoint.npz"
+METRICS_NAME = "metrics.jsonl"
+_CHECKPOINT_KIND = "scg.train.TrainState"
+
+
+class TrainState(NamedTuple):
+    """Everything a run needs to continue.
+
+    Attributes:
+      params: the parameters (a pytree).
+      opt_state: the optax optimizer state.
+      key: the run's PRNG key (constant over the run; see the module docstring).
+      epoch: epochs completed.
+      step: optimizer steps completed over the whole run.
+      metrics: one dict per completed epoch (what ``metrics.jsonl`` holds).
+    """
+
+    params: Any
+    opt_state: Any
+    key: jax.Array
+    epoch: int
+    step: int
+    metrics: tuple
+
+
+class NonFiniteLossError(ScgError, FloatingPointError):
+    """The training loss became NaN or infinite; training stopped.
+
+    Attributes:
+      step: the global step (1-based, counted over the whole run) whose loss was not finite.
+      epoch: the epoch (1-based) it belongs to.
+      loss: the loss value.
+      checkpoint: the last good checkpoint (left untouched), or None if none was written.
+    """
+
+    def __init__(self, message: str, *, step: int, epoch: int, loss: float, checkpoint: str | None):
+        super().__init__(message)
+        self.step = step
+        self.epoch = epoch
+        self.loss = loss
+        self.checkpoint = checkpoint
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """The state before the first step: ``optimizer.init(params)``, epoch and step 0, no metrics."""
+    return TrainState(params, optimizer.init(params), key, 0, 0, ())
+
+
+# --------------------------------------------------------------------------- #
+# Steps.
+# --------------------------------------------------------------------------- #
+
+
+def _step_body(objective: Any, optimizer: optax.GradientTransformation, num_samples: int) -> Callable:
+    def body(params, opt_state, train_key, step, batch):
+        key = jax.random.fold_in(train_key, step)
+        loss, grads = objective.value_and_grad(params, *batch, key=key, num_samples=num_samples)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return body
+
+
+def make_step(objective: Any, optimizer: optax.GradientTransformation, *, num_samples: int = 1) -> Callable:
+    """One jitted optimizer step on one batch.
+
+    Args:
+      objective: an :class:`scg.Objective` (or any object whose
+        ``value_and_grad(params, *batch, key=, num_samples=)`` returns ``(loss, grads)``).
+      optimizer: an optax ``GradientTransformation``.
+      num_samples: particles averaged per gradient estimate.
+
+    Returns:
+      ``step(params, opt_state, train_key, step, *batch) -> (params, opt_state, loss)``:
+      pure and jitted; the gradient's key is ``fold_in(train_key, step)``. The
+      buffers of ``params`` and ``opt_state`` are donated (do not reuse them).
+    """
+    body = _step_body(objective, optimizer, num_samples)
+
+    def step(params, opt_state, train_key, step, *batch):
+        return body(params, opt_state, train_key, step, batch)
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_multi_step(objective: Any, optimizer: optax.GradientTransformation, *, num_samples: int = 1) -> Callable:
+    """Several optimizer steps in one dispatch (``lax.scan`` over a stack of batches).
+
+    Returns:
+      ``multi_step(params, opt_state, train_key, first_step, *stacked) -> (params,
+      opt_state, losses)`` where each array of ``stacked`` has a leading axis of
+      ``n`` batches; step ``i`` uses the key ``fold_in(train_key, first_step + i)``,
+      as ``n`` calls of :func:`make_step`'s step would. ``losses``: ``(n,)``.
+    """
+    body = _step_body(objective, optimizer, num_samples)
+
+    def multi_step(params, opt_state, train_key, first_step, *stacked):
+        n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+
+        def scan_body(carry, inputs):
+            params, opt_state = carry
+            i, batch = inputs
+            params, opt_state, loss = body(params, opt_state, train_key, first_step + i, batch)
+            return (params, opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(
+            scan_body, (params, opt_state), (jnp.arange(n, dtype=jnp.int32), stacked))
+        return params, opt_state, losses
+
+    return jax.jit(multi_step, donate_argnums=(0, 1))
+
+
+# --------------------------------------------------------------------------- #
+# Data and evaluation.
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochBatches:
+    """Shuffled minibatches per epoch: ``batches(epoch)`` is a pure function of ``(seed, epoch)``.
+
+    Wraps :func:`scg.data.batches` (the last, smaller batch is dropped so
+    shapes stay static). ``len(batches)`` is the number of steps per epoch.
+
+    Attributes:
+      data: one array or a tuple of arrays sharing the leading (example) axis.
+      batch_size: examples per batch.
+      seed: a non-negative int (or a JAX key) seeding every epoch's permutation.
+    """
+
+    data: Any
+    batch_size: int
+    seed: Any = 0
+
+    def __post_init__(self) -> None:
+        first = self.data[0] if isinstance(self.data, (tuple, list)) else self.data
+        n = int(np.shape(first)[0])
+        if not isinstance(self.batch_size, (int, np.integer)) or not 0 < self.batch_size <= n:
+            raise ValueError(
+                f"EpochBatches: batch_size must be an int between 1 and the number of examples ({n}), "
+                f"got {self.batch_size!r}.")
+
+    def __len__(self) -> int:
+        first = self.data[0] if isinstance(self.data, (tuple, list)) else self.data
+        return int(np.shape(first)[0]) // int(self.batch_size)
+
+    def __call__(self, epoch: int) -> Iterable:
+        return _shuffled_batches(self.data, self.batch_size, key_or_seed=self.seed, epoch=epoch)
+
+
+def evaluate_loss(
+    objective: Any, params: Any, data: Any, *, key: jax.Array, batch_size: int = 500, num_samples: int = 1
+) -> float:
+    """The example-weighted mean of ``objective.loss`` over ``data`` in batches (no shuffling).
+
+    For models whose costs are per-batch means (divided by the batch size, as
+    :mod:`scg.models.aevb`'s), this is the mean loss per example of the whole
+    set. Batch ``j`` uses ``fold_in(key, j)``. A last, smaller batch is evaluated
+    at its own size (one extra compilation); choose ``batch_size`` dividing the
+    number of examples to avoid it.
+    """
+    arrays = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+    n = int(np.shape(arrays[0])[0])
+    if n == 0:
+        raise ValueError("evaluate_loss: the data set is empty.")
+    batch_size = max(1, min(int(batch_size), n))
+    total = 0.0
+    for j, start in enumerate(range(0, n, batch_size)):
+        batch = tuple(jnp.asarray(a[start : start + batch_size]) for a in arrays)
+        loss = objective.loss(params, *batch, key=jax.random.fold_in(key, j), num_samples=num_samples)
+        total += float(loss) * batch[0].shape[0]
+    return total / n
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoints and metrics files.
+# --------------------------------------------------------------------------- #
+
+
+def _json_config(config: Mapping[str, Any] | None) -> str:
+    try:
+        return json.dumps(dict(config or {}), sort_keys=True)
+    except TypeError as err:
+        raise TypeError(f"fit: config must be JSON-serializable (str, int, float, bool, None, lists): {err}") from err
+
+
+def save_state(path: os.PathLike | str, state: TrainState, config: Mapping[str, Any] | None = None) -> None:
+    """Writes ``state`` (and the run's ``config``) to ``path`` atomically (see :mod:`scg.checkpoint`)."""
+    save_checkpoint(path, {
+        "kind": _CHECKPOINT_KIND,
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "key": state.key,
+        "epoch": int(state.epoch),
+        "step": int(state.step),
+        "metrics": json.dumps(list(state.metrics)),
+        "config": _json_config(config),
+    })
+
+
+def load_state(path: os.PathLike | str, like: TrainState, config: Mapping[str, Any] | None = None) -> TrainState:
+    """Reads a checkpoint written by :func:`save_state`, checked against a template state.
+
+    Args:
+      path: the checkpoint file.
+      like: a state of the same model and optimizer (e.g. :func:`init_state` of
+        fresh parameters): every array must match its shape and dtype.
+      config: the run's settings; when given, must equal the ones saved.
+
+    Raises:
+      FileNotFoundError: no checkpoint at ``path``.
+      CheckpointError: the file is corrupted, or was written for another model,
+        optimizer or configuration (the message names the first difference).
+    """
+    template = {
+        "kind": _CHECKPOINT_KIND,
+        "params": like.params,
+        "opt_state": like.opt_state,
+        "key": like.key,
+        "epoch": 0,
+        "step": 0,
+        "metrics": "",
+        "config": "",
+    }
+    tree = load_checkpoint(path, like=template)
+    if tree["kind"] != _CHECKPOINT_KIND:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is a {tree['kind']!r}, not a training state.",
+                              path=path, leaf="kind")
+    try:
+        metrics = tuple(json.loads(tree["metrics"]))
+        saved_config = json.loads(tree["config"])
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is corrupted: its metrics or config are not "
+                              f"valid JSON ({err}).", path=path, leaf="metrics") from err
+    if config is not None:
+        wanted = json.loads(_json_config(config))
+        differ = sorted(k for k in set(wanted) | set(saved_config) if wanted.get(k) != saved_config.get(k))
+        if differ:
+            listing = ", ".join(f"{k}: checkpoint {saved_config.get(k)!r} vs now {wanted.get(k)!r}" for k in differ)
+            raise CheckpointError(
+                f"checkpoint {os.fspath(path)!r} was written by a run with other settings ({listing}). "
+                "Resume with the same settings, or choose another output folder to start a new run.",
+                path=path, leaf=f"config/{differ[0]}")
+    if len(metrics) != tree["epoch"] or tree["epoch"] < 0 or tree["step"] < 0:
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} is inconsistent: epoch {tree['epoch']} but {len(metrics)} metric "
+            "records. Delete it to start afresh, or choose another output folder.", path=path, leaf="metrics")
+    return TrainState(tree["params"], tree["opt_state"], tree["key"], tree["epoch"], tree["step"], metrics)
+
+
+def _write_metrics(path: pathlib.Path, metrics: Iterable[Mapping]) -> None:
+    with atomic_write(path) as f:
+        f.write("".join(json.dumps(m) + "\n" for m in metrics).encode())
+
+
+def _append_metrics(path: pathlib.Path, record: Mapping) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------- #
+# The loop.
+# --------------------------------------------------------------------------- #
+
+
+def _as_tuple(batch: Any) -> tuple:
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def _groups(iterator: Iterable, size: int) -> Iterable[list]:
+    group: list = []
+    for item in iterator:
+        group.append(_as_tuple(item))
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _format_record(record: Mapping, epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}"]
+    for k, v in record.items():
+        if k in ("epoch", "step"):
+            continue
+        if isinstance(v, float):
+            parts.append(f"{k} {v:.1f}" if k == "seconds" else f"{k} {v:.3f}")
+        elif v is not None:
+            parts.append(f"{k} {v}")
+    return "  ".join(parts)
+
+
+def fit(
+    objective: Any,
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    batches: Callable[[int], Iterable],
+    *,
+    epochs: int,
+    key: jax.Array,
+    num_samples: int = 1,
+    steps_per_dispatch: int = 1,
+    evaluate: Callable[[Any, jax.Array], Mapping[str, Any]] | None = None,
+    on_epoch_end: Callable[[TrainState], None] | None = None,
+    out_dir: os.PathLike | str | None = None,
+    resume: bool = False,
+    config: Mapping[str, Any] | None = None,
+    train_metric: str = "train_loss",
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> TrainState:
+    """Trains ``params`` for ``epochs`` epochs (in total, counting resumed ones).
+
+    Args:
+      objective: an :class:`scg.Objective` (anything with ``value_and_grad(params,
+        *batch, key=, num_samples=) -> (loss, grads)``).
+      optimizer: an optax ``GradientTransformation``.
+      params: initial parameters; on ``resume``, the template the checkpoint must
+        match (its values are not used). Not modified (the loop works on a copy).
+      batches: ``epoch -> iterable of batches`` (0-based epoch; a batch is an array
+        or a tuple of arrays passed as ``objective``'s data arguments), a pure
+        function of the epoch for reproducible resumes, e.g. :class:`EpochBatches`.
+        ``len(batches)``, if defined, sizes the progress bar.
+      epochs: the epoch to train up to.
+      key: the run's PRNG key (see the module docstring).
+      num_samples: particles per gradient estimate.
+      steps_per_dispatch: optimizer steps per jitted call (``lax.scan`` over that
+        many batches; a smaller last group per epoch compiles once more).
+      evaluate: ``(params, key) -> {name: value}`` called after every epoch; its
+        entries join the epoch's metrics record.
+      on_epoch_end: ``state -> None`` called after the checkpoint of each epoch is
+        written (plots, ...).
+      out_dir: where ``checkpoint.npz`` and ``metrics.jsonl`` go; None: nowhere.
+      resume: continue from ``out_dir``'s checkpoint; without it a new run starts
+        (its first epoch's checkpoint replaces the one ``out_dir`` may hold).
+      config: JSON-serializable settings saved in the checkpoint; resuming with
+        different ones is refused (architecture, seed, batch size, ...).
+      train_metric: the metrics key of the epoch's mean training loss.
+      progress: show a tqdm progress bar per epoch with the running loss.
+      log: where each epoch's one-line summary goes (None: nowhere).
+
+    Returns:
+      The final :class:`TrainState`. Each epoch's record in ``state.metrics`` has
+      ``epoch`` (1-based), ``step``, ``train_metric`` (the mean loss over the
+      epoch's steps), the entries of ``evaluate``, and ``seconds`` (wall time
+      since the run started, summed over resumed sessions).
+
+    Raises:
+      NonFiniteLossError: a loss was NaN or infinite; names the global step and
+        the epoch; the last good checkpoint is left as it was.
+      CheckpointError, FileNotFoundError: on ``resume``, the checkpoint is
+        missing, corrupted or from another configuration.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}.")
+    if not isinstance(steps_per_dispatch, (int, np.integer)) or steps_per_dispatch < 1:
+        raise ValueError(f"fit: steps_per_dispatch must be a positive int, got {steps_per_dispatch!r}.")
+    out = pathlib.Path(out_dir) if out_dir is not None else None
+    checkpoint = out / CHECKPOINT_NAME if out is not None else None
+    metrics_file = out / METRICS_NAME if out is not None else None
+    _json_config(config)  # refuse a bad config before any work
+
+    # A copy: the steps donate their input buffers, and the caller keeps its params.
+    fresh = init_state(jax.tree_util.tree_map(jnp.array, params), optimizer, key)
+    if resume:
+        if checkpoint is None:
+            raise ValueError("fit: resume=True needs out_dir (the folder holding the checkpoint).")
+        if not checkpoint.is_file():
+            raise FileNotFoundError(
+                f"cannot resume: there is no checkpoint at {os.fspath(checkpoint)!r}. Run without resuming "
+                "to start a new run, or point the output folder at an earlier run.")
+        state = load_state(checkpoint, fresh, config)
+    else:
+        state = fresh
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        # consistent with the checkpoint we continue from (a new run starts an empty file; an
+        # older run's checkpoint stays until this run's first epoch replaces it)
+        _write_metrics(metrics_file, state.metrics)
+
+    step_fn = make_step(objective, optimizer, num_samples=num_samples) if steps_per_dispatch == 1 else None
+    multi_fn = make_multi_step(objective, optimizer, num_samples=num_samples) if steps_per_dispatch > 1 else None
+    train_key, eval_key = jax.random.split(state.key)
+    seconds_before = float(state.metrics[-1].get("seconds", 0.0)) if state.metrics else 0.0
+    start = time.perf_counter()
+    total = len(batches) if hasattr(batches, "__len__") else None
+    params, opt_state, step = state.params, state.opt_state, state.step
+
+    for epoch in range(state.epoch, epochs):
+        losses: list[np.ndarray] = []
+        running, count = 0.0, 0
+        bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        try:
+            for group in _groups(batches(epoch), steps_per_dispatch):
+                first = jnp.asarray(step, jnp.int32)
+                if multi_fn is None:
+                    params, opt_state, loss = step_fn(params, opt_state, train_key, first, *map(jnp.asarray, group[0]))
+                    values = np.asarray(loss, np.float64).reshape(1)
+                else:
+                    stacked = tuple(jnp.asarray(np.stack(parts)) for parts in zip(*group))
+                    params, opt_state, loss = multi_fn(params, opt_state, train_key, first, *stacked)
+                    values = np.asarray(loss, np.float64).reshape(-1)
+                bad = np.flatnonzero(~np.isfinite(values))
+                if bad.size:
+                    _raise_non_finite(step + int(bad[0]) + 1, epoch + 1, float(values[bad[0]]), checkpoint)
+                losses.append(values)
+                step += values.size
+                running, count = running + float(values.sum()), count + values.size
+                bar.update(values.size)
+                bar.set_postfix_str(f"loss {running / count:.3f}", refresh=False)
+        finally:
+            bar.close()
+        if not losses:
+            raise ValueError(f"fit: batches({epoch}) yielded no batch; an epoch needs at least one.")
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step,
+                                  train_metric: _finite_or_none(float(np.concatenate(losses).mean()))}
+        if evaluate is not None:
+            record.update(evaluate(params, jax.random.fold_in(eval_key, epoch)))
+        record["seconds"] = seconds_before + time.perf_counter() - start
+        state = TrainState(params, opt_state, state.key, epoch + 1, step, (*state.metrics, record))
+        if out is not None:
+            save_state(checkpoint, state, config)
+            _append_metrics(metrics_file, record)
+        if log is not None:
+            log(_format_record(record, epochs))
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+        # the donated buffers now belong to the next step; keep the state's arrays valid
+        params = jax.tree_util.tree_map(jnp.array, params) if epoch + 1 < epochs else params
+        opt_state = jax.tree_util.tree_map(jnp.array, opt_state) if epoch + 1 < epochs else opt_state
+    return state
+
+
+def _raise_non_finite(step: int, epoch: int, loss: float, checkpoint: pathlib.Path | None) -> None:
+    if checkpoint is not None and checkpoint.is_file():
+        kept = f"The last good checkpoint, {os.fspath(checkpoint)!r}, is kept as it was"
+        where = os.fspath(checkpoint)
+    else:
+        kept = "No checkpoint had been written yet (the failure came before the end of the first epoch)"
+        where = None
+    raise NonFiniteLossError(
+        f"training stopped: the loss is {loss} at global step {step} (epoch {epoch}). {kept}. Lower the "
+        "learning rate, check the data for NaN, or guard the model against overflow (e.g. log of 0).",
+        step=step, epoch=epoch, loss=loss, checkpoint=where)

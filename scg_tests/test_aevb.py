@@ -1,0 +1,218 @@
+"""Tests of scg.models.aevb and the `scg aevb` command, on small synthetic images.
+
+The slow test (``pytest -m slow``) trains the real configuration on MNIST from
+$SCG_DATA_DIR for one epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import scg
+from scg import cli, train
+from scg.ir import LogProb
+from scg.models import aevb
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_data import write_mnist  # noqa: E402  (the IDX writer of the loader tests)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SMALL = {"hidden": 32, "latent": 4}
+
+
+def synthetic_images(n: int, seed: int = 0) -> np.ndarray:
+    """``(n, 784)`` float32 images in [0, 1]: four random prototypes with 5% of pixels flipped,
+    so there is structure for the autoencoder to learn."""
+    rng = np.random.default_rng(seed)
+    prototypes = (rng.random((4, 784)) < 0.3).astype(np.float32)
+    flips = (rng.random((n, 784)) < 0.05).astype(np.float32)
+    return np.abs(prototypes[rng.integers(0, 4, n)] - flips)
+
+
+def write_synthetic_mnist(root: pathlib.Path, n_train: int = 300, n_test: int = 100) -> pathlib.Path:
+    """A data dir holding mnist/ IDX files of synthetic 28x28 images."""
+    to_idx = lambda x: np.round(x * 255).astype(np.uint8).reshape(-1, 28, 28)
+    write_mnist(root / "mnist", {
+        "train-images-idx3-ubyte": to_idx(synthetic_images(n_train, 1)),
+        "train-labels-idx1-ubyte": np.zeros(n_train, np.uint8),
+        "t10k-images-idx3-ubyte": to_idx(synthetic_images(n_test, 2)),
+        "t10k-labels-idx1-ubyte": np.zeros(n_test, np.uint8),
+    })
+    return root
+
+
+def count_log_probs(graph) -> int:
+    return sum(isinstance(n, LogProb) for n in graph.nodes)
+
+
+# --------------------------------------------------------------------------- #
+# The model and its compilation.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("biases", [False, True])
+def test_auto_pipeline_integrates_the_kl_and_reparameterizes_z(biases):
+    params = aevb.init_params(jax.random.key(0), x_dim=12, hidden=(6, 5), latent=3, biases=biases)
+    assert aevb.sizes(params) == aevb.Sizes(12, (6, 5), 3, biases)
+    assert params["decoder"][0]["w"].shape == (3, 5) and params["out"]["w"].shape == (6, 12)
+    assert ("b" in params["mu"]) is biases
+    x = jnp.asarray(synthetic_images(4)[:, :12])
+
+    naive = scg.compile(aevb.aevb, passes="none").graph_for(params, x)
+    assert [s.name for s in naive.sites] == ["z"] and count_log_probs(naive) == 2
+
+    graph, certificates = scg.compile(aevb.aevb).graph_and_certificates(params, x)
+    assert [s.name for s in graph.sites] == ["z.eps"]
+    assert count_log_probs(graph) == 0
+    (cert,) = certificates
+    assert "integrate_kl" in cert.pass_name and "reparameterize" in cert.pass_name
+    assert set(cert.rewritten) == {"z"}
+    held = {p.name for p in cert.preconditions if p.held}
+    assert {"p does not depend on z", "KL registered", "reparameterizable family",
+            "differentiable paths to costs"} <= held
+    assert all(p.held for p in cert.preconditions)
+    assert "KL(Normal‖Normal)" in str(cert)
+
+
+def test_auto_gradient_matches_the_naive_one_in_expectation():
+    # 2 examples x 2 latent dimensions: the exact expectation is a 4-d Gauss-Hermite sum
+    params = aevb.init_params(jax.random.key(0), x_dim=6, hidden=4, latent=2)
+    x = jnp.asarray(synthetic_images(2, 3)[:, :6])
+    auto = scg.check_grad(aevb.aevb, params, x, key=jax.random.key(1), num_samples=1000, order=6)
+    naive = scg.check_grad(aevb.aevb, params, x, key=jax.random.key(2), num_samples=10_000, passes="none",
+                           order=6)
+    assert auto.ok, str(auto)
+    assert naive.ok, str(naive)
+    # the same truth, and the pathwise estimator is far less noisy
+    for a, b in zip(jax.tree_util.tree_leaves(auto.exact), jax.tree_util.tree_leaves(naive.exact)):
+        np.testing.assert_array_equal(a, b)
+    assert np.median(np.asarray(naive.stderr["mu"]["w"]) * np.sqrt(10)) > 3 * np.median(
+        np.asarray(auto.stderr["mu"]["w"]))
+
+
+def test_costs_and_iwae_agree_with_a_direct_computation():
+    params = aevb.init_params(jax.random.key(3), x_dim=784, **SMALL)
+    x = synthetic_images(7, 4)
+    mu, sigma = aevb.encode(params, x)
+    assert mu.shape == (7, 4) and np.all(np.asarray(sigma) > 0)
+    # the sampled KL (naive graph) and the analytic one (auto) have the same expectation
+    auto_loss = train.evaluate_loss(scg.compile(aevb.aevb), params, x, key=jax.random.key(0), num_samples=200)
+    naive = scg.compile(aevb.aevb, passes="none")
+    naive_loss = train.evaluate_loss(naive, params, x, key=jax.random.key(1), num_samples=2000)
+    assert naive_loss == pytest.approx(auto_loss, rel=2e-3)
+
+    k = 5
+    key = jax.random.key(9)
+    log_px = aevb.iwae_log_likelihood(params, x, key, k, batch_size=3)  # 3 + 3 + 1 (padded)
+    assert log_px.shape == (7,) and np.all(np.isfinite(log_px))
+    # direct: batch j of 3 examples uses fold_in(key, j), samples split(key, k)
+    for j, start in enumerate(range(0, 7, 3)):
+        xb = x[start : start + 3]
+        pad = np.concatenate([xb, np.repeat(xb[:1], 3 - len(xb), axis=0)])
+        m, s = aevb.encode(params, pad)
+        log_w = []
+        for kk in jax.random.split(jax.random.fold_in(key, j), k):
+            z = m + s * jax.random.normal(kk, m.shape)
+            log_p = -aevb.bernoulli_nll(aevb.decode_logits(params, z), pad) + jnp.sum(
+                jax.scipy.stats.norm.logpdf(z), -1)
+            log_w.append(np.asarray(log_p - jnp.sum(jax.scipy.stats.norm.logpdf(z, m, s), -1), np.float64))
+        direct = np.logaddexp.reduce(np.stack(log_w), axis=0) - np.log(k)
+        np.testing.assert_allclose(log_px[start : start + 3], direct[: len(xb)], rtol=1e-5)
+    # log p(x) >= E[IWAE_k] >= ELBO: the estimate's negative sits below the negative ELBO (up to noise)
+    assert -np.mean(log_px) < auto_loss + 1.0
+
+
+def test_one_epoch_of_a_small_aevb_lowers_the_loss():
+    params = aevb.init_params(jax.random.key(0), x_dim=784, **SMALL)
+    images = synthetic_images(400)
+    objective = scg.compile(aevb.aevb)
+    before = train.evaluate_loss(objective, params, images, key=jax.random.key(5), batch_size=100)
+    state = train.fit(objective, optax.adam(3e-3), params, train.EpochBatches(images, 20, seed=0), epochs=1,
+                      key=jax.random.key(1), progress=False, log=None, train_metric="train_neg_elbo")
+    after = train.evaluate_loss(objective, state.params, images, key=jax.random.key(5), batch_size=100)
+    assert state.step == 20 and np.isfinite(state.metrics[0]["train_neg_elbo"])
+    assert after < before - 50, (before, after)
+
+
+# --------------------------------------------------------------------------- #
+# The command.
+# --------------------------------------------------------------------------- #
+
+
+def cli_args(data_dir, out, *extra):
+    return ["aevb", "--data-dir", str(data_dir), "--out", str(out), "--batch-size", "50", "--hidden", "32",
+            "--latent", "4", "--eval-batch-size", "50", "--no-progress", *extra]
+
+
+def checkpoint_params(out):
+    return train.load_state(out / train.CHECKPOINT_NAME, train.init_state(
+        aevb.init_params(jax.random.key(0), x_dim=784, **SMALL), optax.adam(1e-3), jax.random.key(0))).params
+
+
+def test_command_trains_writes_outputs_and_resumes_bit_for_bit(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SCG_DATA_DIR", raising=False)
+    data = write_synthetic_mnist(tmp_path / "data")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+
+    assert cli.main(cli_args(data, straight, "--epochs", "2", "--eval-k", "3")) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 1/2  train_neg_elbo" in printed and "epoch 2/2" in printed
+    assert "(IWAE, k=3)" in printed
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {"epoch", "train_neg_elbo", "test_neg_elbo", "seconds"} <= set(r)
+        assert np.isfinite(r["test_neg_elbo"]) and r["seconds"] > 0
+    for name in ("curve.png", "reconstructions.png", "samples.png"):
+        assert (straight / name).read_bytes().startswith(PNG_SIGNATURE)
+    final = json.loads((straight / "final.json").read_text())
+    assert final["eval_k"] == 3 and np.isfinite(final["test_iwae_log_likelihood"])
+    assert final["test_neg_elbo"] == records[-1]["test_neg_elbo"]
+
+    assert cli.main(cli_args(data, split, "--epochs", "1", "--eval-k", "0")) == 0
+    assert cli.main(cli_args(data, split, "--epochs", "2", "--eval-k", "0", "--resume")) == 0
+    capsys.readouterr()
+    for a, b in zip(jax.tree_util.tree_leaves(checkpoint_params(straight)),
+                    jax.tree_util.tree_leaves(checkpoint_params(split))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    resumed = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_neg_elbo"] for r in resumed] == [r["test_neg_elbo"] for r in records]
+
+    # another architecture or setting: refused with the reason, the checkpoint untouched
+    saved = (split / train.CHECKPOINT_NAME).read_bytes()
+    assert cli.main(cli_args(data, split, "--epochs", "3", "--latent", "5", "--resume")) == 1
+    assert "does not match the template" in capsys.readouterr().err
+    assert cli.main(cli_args(data, split, "--epochs", "3", "--seed", "1", "--resume")) == 1
+    assert "seed: checkpoint 0 vs now 1" in capsys.readouterr().err
+    assert (split / train.CHECKPOINT_NAME).read_bytes() == saved
+    # a corrupted checkpoint: a clear error, no traceback
+    (split / train.CHECKPOINT_NAME).write_bytes(saved[:1000])
+    assert cli.main(cli_args(data, split, "--epochs", "3", "--resume")) == 1
+    assert "is corrupted or truncated" in capsys.readouterr().err
+
+
+def test_command_usage(capsys):
+    assert cli.main([]) == 2
+    assert "aevb" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["aevb", "--passes", "some"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_one_epoch_on_mnist_reaches_195_nats(tmp_path, capsys):
+    if not os.environ.get("SCG_DATA_DIR"):
+        pytest.skip("set SCG_DATA_DIR to a folder holding mnist/")
+    assert cli.main(["aevb", "--epochs", "1", "--out", str(tmp_path), "--eval-k", "10", "--no-progress"]) == 0
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["test_neg_elbo"] <= 195.0, capsys.readouterr().out
+    assert -final["test_iwae_log_likelihood"] <= final["test_neg_elbo"] + 0.5
