@@ -93,6 +93,8 @@ class ParticleEstimate(NamedTuple):
     loss: jax.Array
     score_factors: dict
     downstream: dict
+    log_densities: dict
+    costs: dict
 
 
 def score_sites(graph: Graph) -> tuple:
@@ -143,7 +145,7 @@ def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = i
                     exponent = exponent + align(env[_logp_key(name)], scored[name].plates, c.plates)
             surrogate = surrogate + jnp.sum(term * magic_box(exponent))
             loss = loss + jnp.sum(term)
-        score_factors, downstream = {}, {}
+        score_factors, downstream, log_densities = {}, {}, {}
         for name, site in scored.items():
             logp = env[_logp_key(name)]
             score_factors[name] = 1.0 - magic_box(logp)
@@ -152,38 +154,73 @@ def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = i
                 term, plates = cost_terms[cname]
                 q = q + align(lax.stop_gradient(term), plates, site.plates)
             downstream[name] = q
-        return ParticleEstimate(surrogate, loss, score_factors, downstream)
+            log_densities[name] = logp
+        costs = {name: term for name, (term, _) in cost_terms.items()}
+        return ParticleEstimate(surrogate, loss, score_factors, downstream, log_densities, costs)
 
     return walk(graph, env, on_site=on_site, on_end=on_end)
 
 
-# --- baselines ---------------------------------------------------------------------------------
+# --- combining particles: the ELBO-style surrogate with baselines, or the IWAE / VIMCO bound -------
 
 
-def leave_one_out(downstream: dict) -> dict:
-    """``b_i^{(k)} = (1/(K−1)) Σ_{k'≠k} Q_i^{(k')}``.
+def _common_plates(graph: Graph) -> tuple:
+    """The plates every cost lies in (the per-example axes of a multi-sample objective)."""
+    if not graph.costs:
+        return ()
+    shared = set.intersection(*({p.name for p in c.plates} for c in graph.costs))
+    return tuple(p for p in sorted(graph.costs[0].plates, key=lambda p: p.dim) if p.name in shared)
 
-    Unbiased: particle ``k``'s baseline is a function of the other, independent
-    particles only, so ``E[∇log p(z^{(k)}) b^{(k)}] = E[∇log p(z^{(k)})]·E[b^{(k)}] = 0``.
-    Needs ``num_samples ≥ 2``.
+
+def importance_weighted(graph: Graph, estimates: ParticleEstimate) -> tuple[jax.Array, jax.Array]:
+    """The IWAE objective (Burda et al., 2016) with VIMCO's leave-one-out signals (Mnih & Rezende, 2016).
+
+    Approximates
+        ``∇_θ E[L_K]``, ``L_K = −log (1/K) Σ_k exp(−C_k)`` per example, where ``C_k``
+        is particle ``k``'s total cost: with costs ``log q(z|x) − log p(x, z)``,
+        ``−L_K`` is the importance-weighted bound on ``log p(x)``.
+    With
+        ``∇L_K`` pathwise and through the costs' direct dependence on θ, plus, for
+        score-function sites, ``Σ_k (L_K − L_K^{(−k)}) ∇log q(z_k)`` where
+        ``L_K^{(−k)}`` replaces ``−C_k`` by the mean of the other particles'
+        ``−C_j`` (VIMCO): a baseline that depends only on the other particles.
+    Requires
+        no enumerated sites. With ``num_samples = 1`` the bound is the ELBO and the
+        signal is the plain ``L_1`` (VIMCO needs a second particle).
     """
-    out = {}
-    for name, q in downstream.items():
-        k = q.shape[0]
-        if k < 2:
-            raise ValueError("baseline='leave_one_out' needs num_samples >= 2 (it averages the other particles' "
-                             f"downstream costs); got num_samples={k}")
-        out[name] = (jnp.sum(q, axis=0, keepdims=True) - q) / (k - 1)
-    return out
+    plates = _common_plates(graph)
+    log_w = -sum(align(c, cost.plates, plates) for c, cost in
+                 ((estimates.costs[cost.name], cost) for cost in graph.costs))
+    k = log_w.shape[0]
+    bound = jax.nn.logsumexp(log_w, axis=0) - jnp.log(k)
+    loss = -jnp.sum(bound)
+    surrogate = loss
+    if estimates.log_densities:
+        sites = {s.name: s for s in graph.sites}
+        log_q = sum(align(lp, sites[n].plates, plates) for n, lp in estimates.log_densities.items())
+        if k == 1:  # L_1 is the ELBO: the plain score signal, with no other particle to lean on
+            return surrogate + jnp.sum(lax.stop_gradient(-bound) * (log_q - lax.stop_gradient(log_q))), loss
+        mean_others = (jnp.sum(log_w, 0, keepdims=True) - log_w) / (k - 1)
+        eye = jnp.eye(k, dtype=bool).reshape((k, k) + (1,) * (log_w.ndim - 1))
+        replaced = jnp.where(eye, mean_others[:, None], log_w[None])  # row k: particle k replaced
+        bound_minus_k = jax.nn.logsumexp(replaced, axis=1) - jnp.log(k)
+        signal = lax.stop_gradient(bound_minus_k - bound[None])  # L_K − L_K^(−k) with L = −bound
+        surrogate = surrogate + jnp.sum(signal * (log_q - lax.stop_gradient(log_q)))
+    return surrogate, loss
 
 
-BASELINES = {"leave_one_out": leave_one_out}
+OBJECTIVES = ("elbo", "iwae")
 
 
 def surrogate_and_loss(graph: Graph, param_leaves: list, input_leaves: list, key: jax.Array, *,
-                       num_samples: int = 1, baseline: Any = None,
-                       order: int = integrate.DEFAULT_ORDER) -> tuple[jax.Array, jax.Array]:
-    """The surrogate averaged over ``num_samples`` independent particles (``vmap``), and the loss."""
+                       num_samples: int = 1, baseline: Any = None, baseline_state: Any = None,
+                       baseline_args: tuple = (), objective: str = "elbo",
+                       order: int = integrate.DEFAULT_ORDER) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+    """The surrogate over ``num_samples`` independent particles (``vmap``), and ``(loss, new baseline state)``.
+
+    ``objective="elbo"``: the mean over particles of each particle's surrogate
+    (plus the baseline terms); ``"iwae"``: :func:`importance_weighted`.
+    """
     env = initial_env(graph, param_leaves, input_leaves)
 
     def one(k):
@@ -193,10 +230,17 @@ def surrogate_and_loss(graph: Graph, param_leaves: list, input_leaves: list, key
         estimates = jax.tree_util.tree_map(lambda x: x[None], one(key))
     else:
         estimates = jax.vmap(one)(jax.random.split(key, num_samples))
+    if objective == "iwae":
+        if any(s.enumerated for s in graph.sites):
+            raise ValueError("objective='iwae' cannot combine with enumerated sites (the bound is not linear in "
+                             "the costs); drop scg.passes.enumerate")
+        surrogate, loss = importance_weighted(graph, estimates)
+        return surrogate, (loss, baseline_state)
     surrogate = jnp.mean(estimates.surrogate)
+    new_state = baseline_state
     if baseline is not None and estimates.downstream:
-        fn = BASELINES[baseline] if isinstance(baseline, str) else baseline
-        baselines = jax.tree_util.tree_map(lax.stop_gradient, fn(estimates.downstream))
+        baselines, new_state = baseline.apply(baseline_state, estimates.downstream, *baseline_args)
         for name, b in baselines.items():
+            b = lax.stop_gradient(jnp.broadcast_to(b, estimates.score_factors[name].shape))
             surrogate = surrogate + jnp.sum(estimates.score_factors[name] * b) / num_samples
-    return surrogate, jnp.mean(estimates.loss)
+    return surrogate, (jnp.mean(estimates.loss), new_state)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import jax
 
-from scg import estimators, integrate
+from scg import baselines, estimators, integrate
 from scg.errors import ModelError
 from scg.ir import Graph
 from scg.trace import Model
@@ -41,18 +41,20 @@ class Objective:
     """
 
     def __init__(self, source: Model | Graph, passes: Any = "auto", baseline: Any = None,
-                 order: int = integrate.DEFAULT_ORDER):
+                 order: int = integrate.DEFAULT_ORDER, objective: str = "elbo"):
         from scg.passes import resolve_passes
 
         if not isinstance(source, (Model, Graph)):
             raise TypeError(f"scg.compile expects a function decorated with @scg.model or an scg.Graph, "
                             f"got {type(source).__name__}")
-        if baseline is not None and not callable(baseline) and baseline not in estimators.BASELINES:
-            raise ValueError(f"unknown baseline {baseline!r}; choose one of {sorted(estimators.BASELINES)} or pass "
-                             "a function mapping downstream costs to baselines")
+        if objective not in estimators.OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {estimators.OBJECTIVES}")
+        if objective == "iwae" and baseline is not None:
+            raise ValueError("objective='iwae' has its own leave-one-out signals (VIMCO); pass baseline=None")
         self.source = source
         self.passes = resolve_passes(passes)
-        self.baseline = baseline
+        self.baseline = baselines.resolve(baseline)
+        self.objective = objective
         self.order = order
         self.trace_count = 0  # how many times JAX traced a method (tests count retraces)
         self._graphs: dict = {}
@@ -89,14 +91,37 @@ class Objective:
     def certificates_for(self, params: Any, *args: Any) -> tuple:
         return self.graph_and_certificates(params, *args)[1]
 
+    # --- baseline state ----------------------------------------------------------------------------
+    @property
+    def stateful(self) -> bool:
+        """Whether the baseline keeps state that ``grad``/``value_and_grad`` take and return."""
+        return self.baseline is not None and self.baseline.stateful
+
+    def init_baseline_state(self, params: Any, *args: Any) -> Any:
+        """The initial state of a stateful baseline (``None`` for stateless ones)."""
+        if self.baseline is None:
+            return None
+        graph = self.graph_for(params, *args)
+        shapes = {s.name: tuple(p.size for p in s.plates) for s in estimators.score_sites(graph)}
+        return self.baseline.init(shapes, *args)
+
+    def _check_state(self, baseline_state: Any) -> None:
+        if self.stateful and baseline_state is None:
+            raise ValueError(f"the baseline {self.baseline.name!r} keeps state: pass baseline_state= (start from "
+                             "objective.init_baseline_state(params, *args)) and carry the state it returns")
+        if not self.stateful and baseline_state is not None:
+            raise ValueError("baseline_state was given, but this objective's baseline keeps no state")
+
     # --- the compiled methods ----------------------------------------------------------------------
     def _surrogate_fn(self, params: Any, args: tuple, num_samples: int) -> Callable:
         graph = self.graph_for(params, *args)
         input_leaves = jax.tree_util.tree_leaves(tuple(args))
 
-        def surrogate(p, key):
-            return estimators.surrogate_and_loss(graph, jax.tree_util.tree_leaves(p), input_leaves, key,
-                                                 num_samples=num_samples, baseline=self.baseline, order=self.order)
+        def surrogate(p, key, baseline_state=None):
+            return estimators.surrogate_and_loss(
+                graph, jax.tree_util.tree_leaves(p), input_leaves, key, num_samples=num_samples,
+                baseline=self.baseline, baseline_state=baseline_state, baseline_args=tuple(args),
+                objective=self.objective, order=self.order)
 
         return surrogate
 
@@ -105,49 +130,66 @@ class Objective:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         cache_key = (method, num_samples)
         if cache_key not in self._jitted:
-            def run(params, args, key):
+            def run(params, args, key, baseline_state):
                 self.trace_count += 1
                 surrogate = self._surrogate_fn(params, args, num_samples)
                 if method == "loss":
-                    return surrogate(params, key)[1]
+                    return surrogate(params, key, baseline_state)[1][0]
                 if method == "surrogate":
-                    return surrogate(params, key)[0]
-                value, grads = jax.value_and_grad(lambda p: surrogate(p, key)[0])(params)
-                return grads if method == "grad" else (value, grads)
+                    return surrogate(params, key, baseline_state)[0]
+                (_, (value, new_state)), grads = jax.value_and_grad(
+                    lambda p: surrogate(p, key, baseline_state), has_aux=True)(params)
+                if method == "grad":
+                    return (grads, new_state) if self.stateful else grads
+                return (value, grads, new_state) if self.stateful else (value, grads)
 
             self._jitted[cache_key] = jax.jit(run)
         return self._jitted[cache_key]
 
-    def loss(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1) -> jax.Array:
-        return self._compiled("loss", num_samples)(params, args, key)
+    def loss(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1,
+             baseline_state: Any = None) -> jax.Array:
+        return self._compiled("loss", num_samples)(params, args, key, baseline_state)
 
-    def grad(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1) -> Any:
-        return self._compiled("grad", num_samples)(params, args, key)
+    def grad(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1, baseline_state: Any = None) -> Any:
+        """An unbiased estimate of ``∇_θ L``; with a stateful baseline, ``(grads, new_baseline_state)``."""
+        self._check_state(baseline_state)
+        return self._compiled("grad", num_samples)(params, args, key, baseline_state)
 
-    def value_and_grad(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1) -> tuple:
-        return self._compiled("value_and_grad", num_samples)(params, args, key)
+    def value_and_grad(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1,
+                       baseline_state: Any = None) -> tuple:
+        """``(loss, grads)``; with a stateful baseline, ``(loss, grads, new_baseline_state)``."""
+        self._check_state(baseline_state)
+        return self._compiled("value_and_grad", num_samples)(params, args, key, baseline_state)
 
-    def surrogate(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1) -> jax.Array:
-        return self._compiled("surrogate", num_samples)(params, args, key)
+    def surrogate(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1,
+                  baseline_state: Any = None) -> jax.Array:
+        return self._compiled("surrogate", num_samples)(params, args, key, baseline_state)
 
-    def unjitted_grad(self, params: Any, *args: Any, num_samples: int = 1) -> Callable:
-        """``key -> grad`` at fixed ``params`` and data, for use inside the caller's own transformations."""
+    def unjitted_grad(self, params: Any, *args: Any, num_samples: int = 1, baseline_state: Any = None) -> Callable:
+        """``key -> grad`` at fixed ``params``, data and baseline state, for the caller's own transformations."""
         surrogate = self._surrogate_fn(params, args, num_samples)
-        return lambda key: jax.grad(lambda p: surrogate(p, key)[0])(params)
+        return lambda key: jax.grad(lambda p: surrogate(p, key, baseline_state)[0])(params)
 
     def __repr__(self) -> str:
         name = self.source.name
-        return f"<scg.Objective of {name!r}: passes={[getattr(p, '__name__', p) for p in self.passes]}, baseline={self.baseline!r}>"
+        baseline = self.baseline.name if self.baseline else None
+        return (f"<scg.Objective of {name!r}: passes={[getattr(p, '__name__', p) for p in self.passes]}, "
+                f"baseline={baseline!r}, objective={self.objective!r}>")
 
 
 def compile(model_or_graph: Model | Graph, passes: Any = "auto", *, baseline: Any = None,
-            order: int = integrate.DEFAULT_ORDER) -> Objective:  # noqa: A001 - the public name
+            objective: str = "elbo", order: int = integrate.DEFAULT_ORDER) -> Objective:  # noqa: A001
     """Compiles a model (or a traced Graph) into an :class:`Objective`.
 
     ``passes``: ``"auto"`` (analytic KL where the pattern matches, then
     reparameterization wherever certified), ``[]``/``None``/``"none"`` for the
     naive score-function graph, or a list of passes (functions ``Graph ->
-    (Graph, Certificate)`` or their names). ``baseline``: ``None`` or
-    ``"leave_one_out"`` (needs ``num_samples >= 2``).
+    (Graph, Certificate)`` or their names). ``baseline``: ``None``,
+    ``"leave_one_out"`` (needs ``num_samples >= 2``), ``"moving_average"``,
+    ``scg.baselines.learned(...)`` (NVIL), a dict of per-site choices, or a
+    function of the downstream costs (see :mod:`scg.baselines`).
+    ``objective``: ``"elbo"`` (the expected sum of costs) or ``"iwae"`` (the
+    importance-weighted bound over ``num_samples`` particles, with VIMCO
+    signals for score-function sites).
     """
-    return Objective(model_or_graph, passes=passes, baseline=baseline, order=order)
+    return Objective(model_or_graph, passes=passes, baseline=baseline, order=order, objective=objective)

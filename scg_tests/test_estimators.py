@@ -170,7 +170,7 @@ def test_compile_rejects_non_models():
         scg.compile(lambda p: p)
     with pytest.raises(ValueError, match=r"unknown pass 'reparam'"):
         scg.compile(normal_square, passes=["reparam"])
-    with pytest.raises(ValueError, match=r"unknown baseline 'mean'"):
+    with pytest.raises(ValueError, match=r"unknown baseline 'mean'; choose one of \['leave_one_out', 'moving_average'\]"):
         scg.compile(normal_square, baseline="mean")
 
 

@@ -64,8 +64,8 @@ def _monte_carlo(cert, params, args, key, num_samples, alpha):
 
     def draws(graph, k):
         def one(kk):
-            f = lambda leaves: estimators.surrogate_and_loss(graph, leaves, x_leaves, kk)[0]
-            v, g = jax.value_and_grad(f)(p_leaves)
+            f = lambda leaves: estimators.surrogate_and_loss(graph, leaves, x_leaves, kk)
+            (_, (v, _)), g = jax.value_and_grad(f, has_aux=True)(p_leaves)
             return jnp.concatenate([jnp.reshape(v, (1,))] + [jnp.ravel(x) for x in g])
 
         return jax.lax.map(one, jax.random.split(k, num_samples), batch_size=min(num_samples, 256))

@@ -1,0 +1,175 @@
+"""Baselines (control variates) for the score-function terms.
+
+Approximates
+    nothing new: a baseline ``b_i`` changes the score term of site ``z_i`` from
+    ``∇log p(z_i)·Q_i`` to ``∇log p(z_i)·(Q_i − b_i)``.
+With
+    ``E[∇log p(z_i) · b_i] = b_i · E[∇log p(z_i)] = 0`` whenever ``b_i`` does not
+    depend on ``z_i`` (nor on anything sampled after it). Each baseline below is
+    built so that this holds; it lowers variance when ``b_i ≈ E[Q_i | ...]``.
+Requires
+    ``Q_i`` (the downstream costs of ``z_i``, per example inside plates) is what
+    the baseline sees; the stateful baselines update their state *after* the
+    current estimate, from the current particles.
+
+A baseline is a :class:`Baseline`: ``init(downstream_shapes, *args) -> state``
+and ``apply(state, downstream, *args) -> (baselines, new_state)``, where
+``downstream`` maps each score site to its ``Q_i`` of shape ``(K, *plates)``
+(``K`` particles) and ``baselines`` maps sites to arrays broadcastable to it.
+Stateless baselines have ``state = None``; stateful ones return their state
+from ``Objective.value_and_grad(..., baseline_state=...)`` for the training
+step to carry.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+
+class Baseline(NamedTuple):
+    init: Callable[..., Any]
+    apply: Callable[..., tuple[dict, Any]]
+    stateful: bool
+    name: str
+
+
+def _leave_one_out_apply(state, downstream, *args):
+    out = {}
+    for name, q in downstream.items():
+        k = q.shape[0]
+        if k < 2:
+            raise ValueError("baseline='leave_one_out' needs num_samples >= 2 (it averages the other particles' "
+                             f"downstream costs); got num_samples={k}")
+        out[name] = (jnp.sum(q, axis=0, keepdims=True) - q) / (k - 1)
+    return out, None
+
+
+def leave_one_out() -> Baseline:
+    """``b_i^{(k)} = (1/(K−1)) Σ_{k'≠k} Q_i^{(k')}`` over ``K = num_samples`` particles.
+
+    Unbiased: particle ``k``'s baseline is a function of the other, independent
+    particles only. Stateless. Needs ``num_samples ≥ 2``.
+    """
+    return Baseline(lambda shapes, *args: None, _leave_one_out_apply, False, "leave_one_out")
+
+
+def moving_average(decay: float = 0.9) -> Baseline:
+    """``b_i = m_i`` with ``m_i ← decay·m_i + (1 − decay)·mean(Q_i)`` after each estimate.
+
+    Unbiased: ``m_i`` is computed from earlier estimates only. The state is one
+    scalar per site (``0`` at the start), carried by the training step.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"moving_average: decay must be in [0, 1), got {decay}")
+
+    def init(shapes, *args):
+        return {name: jnp.zeros(()) for name in shapes}
+
+    def apply(state, downstream, *args):
+        baselines = {name: state[name] for name in downstream}
+        new = {name: decay * state[name] + (1 - decay) * jnp.mean(q) for name, q in downstream.items()}
+        return baselines, new
+
+    return Baseline(init, apply, True, f"moving_average({decay})")
+
+
+def learned(apply_fn: Callable, init_params: Any, optimizer: optax.GradientTransformation | None = None, *,
+            centering: bool = True, decay: float = 0.9) -> Baseline:
+    """An input-dependent baseline trained alongside the model, as in NVIL (Mnih & Gregor, 2014).
+
+    ``b_i(x) = f_ψ(x)_i + c_i`` where ``f_ψ = apply_fn(ψ, *args)`` is the user's
+    network on the model's data arguments (an array per example for a single
+    score site, or a dict per site), and ``c_i`` is a running mean of the
+    residual ``Q_i − f_ψ(x)_i`` (NVIL's centering; off with ``centering=False``).
+    ``ψ`` is trained by ``optimizer`` (default Adam 1e-3) to minimize
+    ``E[(Q_i − c_i − f_ψ(x)_i)²]``; the update happens inside the estimate and
+    returns in the state.
+
+    Unbiased: ``f_ψ`` depends on the data and on ``ψ`` (fixed during the
+    estimate), never on the current sample. NVIL also divides the learning
+    signal by a running standard deviation; that rescales the gradient and is
+    not an unbiased estimate of it, so scg leaves it out.
+    """
+    optimizer = optimizer or optax.adam(1e-3)
+
+    def init(shapes, *args):
+        return {"params": init_params, "opt_state": optimizer.init(init_params),
+                "center": {name: jnp.zeros(()) for name in shapes}}
+
+    def predictions(psi, names, args):
+        out = apply_fn(psi, *args)
+        if isinstance(out, Mapping):
+            return {n: out[n] for n in names}
+        if len(names) != 1:
+            raise ValueError(f"learned baseline: apply_fn returned one array but the model has {len(names)} score "
+                             f"sites ({', '.join(names)}); return a dict mapping site names to baselines")
+        return {names[0]: out}
+
+    def apply(state, downstream, *args):
+        names = list(downstream)
+        center = state["center"] if centering else {n: jnp.zeros(()) for n in names}
+
+        def regression_loss(psi):
+            pred = predictions(psi, names, args)
+            return sum(jnp.mean((lax.stop_gradient(downstream[n]) - center[n] - pred[n][None]) ** 2) for n in names)
+
+        pred = predictions(state["params"], names, args)
+        baselines = {n: pred[n][None] + center[n] for n in names}
+        grads = jax.grad(regression_loss)(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        new_center = {n: decay * state["center"][n] + (1 - decay) * jnp.mean(downstream[n] - pred[n][None])
+                      for n in names}
+        new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+               "center": new_center}
+        return baselines, new
+
+    return Baseline(init, apply, True, "learned")
+
+
+def per_site(choices: Mapping[str, Any]) -> Baseline:
+    """Different baselines for different sites: ``{"z1": "leave_one_out", "z2": moving_average()}``.
+
+    Sites not named get no baseline.
+    """
+    parts = {name: resolve(b) for name, b in choices.items()}
+
+    def init(shapes, *args):
+        return {name: b.init({name: shapes[name]}, *args) for name, b in parts.items()
+                if name in shapes and b.stateful}
+
+    def apply(state, downstream, *args):
+        baselines, new = {}, {}
+        for name, b in parts.items():
+            if name not in downstream:
+                continue
+            out, site_state = b.apply((state or {}).get(name), {name: downstream[name]}, *args)
+            baselines.update(out)
+            if b.stateful:
+                new[name] = site_state
+        return baselines, new
+
+    return Baseline(init, apply, any(b.stateful for b in parts.values()), "per_site")
+
+
+_NAMED = {"leave_one_out": leave_one_out, "moving_average": moving_average}
+
+
+def resolve(baseline: Any) -> Baseline | None:
+    """``None`` | a name | a :class:`Baseline` | a dict of per-site choices -> Baseline or None."""
+    if baseline is None or isinstance(baseline, Baseline):
+        return baseline
+    if isinstance(baseline, str):
+        if baseline not in _NAMED:
+            raise ValueError(f"unknown baseline {baseline!r}; choose one of {sorted(_NAMED)}, "
+                             "scg.baselines.learned(...), a dict of per-site choices, or a function")
+        return _NAMED[baseline]()
+    if isinstance(baseline, Mapping):
+        return per_site(baseline)
+    if callable(baseline):  # a plain function of the downstream costs: stateless
+        return Baseline(lambda shapes, *args: None, lambda state, q, *args: (baseline(q), None), False,
+                        getattr(baseline, "__name__", "custom"))
+    raise TypeError(f"a baseline must be None, a name, scg.baselines.Baseline, a dict or a function; got {baseline!r}")
