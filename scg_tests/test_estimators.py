@@ -288,3 +288,16 @@ def test_check_grad_report_fails_on_a_wrong_estimator(key):
     own_cost = lambda downstream: downstream
     bad = scg.check_grad(scg.compile(normal_square, passes=[], baseline=own_cost), p, x, key=key, num_samples=2000)
     assert not bad.ok and "FAILED" in str(bad)
+
+
+def test_jvp_of_the_gradient_is_an_unbiased_hessian_vector_product(key):
+    p, x = {"t": jnp.array([0.3, -0.6])}, jnp.zeros(())
+    v = {"t": jnp.array([1.0, -2.0])}
+    exact = jax.hessian(lambda q: scg.expectation(mixed_small, q, x))(p)["t"]["t"] @ v["t"]
+    obj = scg.compile(mixed_small, passes=[])
+
+    def hvp(k):
+        grad = lambda q: jax.grad(lambda r: obj.surrogate(r, x, key=k))(q)
+        return jax.jvp(grad, (p,), (v,))[1]["t"]
+
+    assert_within_se(jax.jit(jax.vmap(hvp))(jax.random.split(key, 6000)), exact, k=4.5)

@@ -32,7 +32,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from scg import _jax
-from scg.integrate import _unwrap, is_normal
+from scg.integrate import _site_is_normal, _unwrap
 from scg.ir import DistSpec, Equation, Graph, Literal, Site, Var, eliminate_dead_code, substitute
 from scg.passes._common import Checks, candidate_sites
 from scg.passes.certificate import Certificate
@@ -113,13 +113,6 @@ def _normal_transform(site: Site):
         return jnp.broadcast_to(base.loc, eps.shape) + jnp.broadcast_to(base.scale, eps.shape) * eps
 
     return transform
-
-
-def _site_is_normal(site: Site) -> bool:
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in site.inputs]
-    found: list = []
-    jax.eval_shape(lambda ls: found.append(is_normal(site.dist.build(ls))) or 0, shapes)
-    return bool(found[0])
 
 
 def reparameterize(graph: Graph, sites: Iterable[str] | None = None, *, allow_primitives: Iterable[str] = ()) -> tuple[Graph, Certificate]:
