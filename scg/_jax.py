@@ -81,7 +81,12 @@ _LIBRARY_DIRS = tuple(
 ) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
 
 
+_USER_DIRS_IN_SCG = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "models") + os.sep,)
+
+
 def _is_library_file(file_name: str) -> bool:
+    if file_name.startswith(_USER_DIRS_IN_SCG):  # the bundled example models are user code
+        return False
     if file_name.startswith(_LIBRARY_DIRS):
         return True
     # numpyro, optax, the standard library's contextlib and similar plumbing

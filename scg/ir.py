@@ -365,7 +365,8 @@ def _type_str(shape, dtype) -> str:
 
 _HIDDEN_PARAMS = {"sharding", "out_sharding", "accuracy", "precision", "preferred_element_type",
                   "in_shardings", "out_shardings", "in_layouts", "out_layouts", "donated_invars",
-                  "ctx_mesh", "keep_unused", "inline", "compiler_options_kvs", "symbolic_zeros"}
+                  "ctx_mesh", "keep_unused", "inline", "compiler_options_kvs", "symbolic_zeros",
+                  "jvp_jaxpr_fun", "jvp_jaxpr_thunk", "num_consts", "fwd_jaxpr_thunk", "bwd", "out_trees"}
 
 
 def _param_str(key: str, value: Any) -> str | None:
@@ -376,6 +377,8 @@ def _param_str(key: str, value: Any) -> str | None:
     if callable(value) and not isinstance(value, type):
         return None
     text = str(value)
+    if "\n" in text:
+        return None
     return f"{key}={text}" if len(text) <= 40 else f"{key}=..."
 
 

@@ -327,3 +327,16 @@ def test_auto_gives_certigrads_graph(key):
         assert np.all(np.abs(a.mean(0) - b.mean(0)) < 4.5 * se + 1e-6), name
         if name in ("enc", "mu", "ls"):  # the decoder's gradient is pathwise in both graphs
             assert a.var(0).sum() > 10 * b.var(0).sum(), name
+
+
+def test_verify_falls_back_to_monte_carlo_when_no_exact_answer_exists(key):
+    @scg.model
+    def gamma(p, x):
+        g = scg.sample("g", dist.Gamma(jnp.exp(p["m"]), 2.0))
+        scg.cost("c", (g - x) ** 2)
+
+    new, cert = scg.passes.reparameterize(gamma.trace(P, X), sites=["g"])
+    assert new.site("g").reparameterized and "rsample" in cert.identity
+    report = cert.verify(P, X, key=key, num_samples=2000)
+    assert report.method == "monte-carlo" and report.ok, report
+    assert "verify (monte-carlo): ok" in str(report)
