@@ -86,12 +86,24 @@ def step_flops(batch: int, x_dim: int = 784, hidden: int = 1000, latent: int = 3
             "total_if_dx_computed": forward + weight_grads + input_grads + 2 * batch * x_dim * hidden}
 
 
+def default_data_dir() -> str | None:
+    """``$SCG_DATA_DIR``, else the project's ``shared/data`` beside the repository if it holds ``mnist/``."""
+    if os.environ.get("SCG_DATA_DIR"):
+        return os.environ["SCG_DATA_DIR"]
+    shared = os.path.join(os.path.dirname(_harness.REPO_ROOT), "shared", "data")
+    return shared if os.path.isdir(os.path.join(shared, "mnist")) else None
+
+
 def load_images(data_dir: str | None, *, synthetic_n: int = 60_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
-    """``(train, test, description)``: MNIST from ``data_dir``/``$SCG_DATA_DIR`` if present, else synthetic."""
+    """``(train, test, description)``: MNIST from ``data_dir`` (default :func:`default_data_dir`), else synthetic.
+
+    Never downloads: without the files the benchmark runs on uniform-random
+    images and says so.
+    """
     from scg.data import load_mnist
     from scg.data.errors import DataError
 
-    data_dir = data_dir or os.environ.get("SCG_DATA_DIR")
+    data_dir = data_dir or default_data_dir()
     if data_dir:
         try:
             m = load_mnist(data_dir, download=False)
@@ -102,7 +114,7 @@ def load_images(data_dir: str | None, *, synthetic_n: int = 60_000, seed: int = 
         else:  # pragma: no cover
             reason = ""
     else:
-        reason = "no --data-dir and SCG_DATA_DIR unset"
+        reason = "no --data-dir, SCG_DATA_DIR unset and no shared/data/mnist beside the repository"
     rng = np.random.default_rng(seed)
     train = rng.random((synthetic_n, 784), dtype=np.float32)
     test = rng.random((10_000, 784), dtype=np.float32)
@@ -147,7 +159,8 @@ def _jax_loss(params: dict, x, key):
     return kl + nll
 
 
-def build_jax(init: dict, xs: np.ndarray, seed: int) -> tuple:
+def jax_step() -> tuple[Callable, Callable]:
+    """The hand-written jitted step and ``init_state(weights) -> (params, opt_state)``."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -160,9 +173,49 @@ def build_jax(init: dict, xs: np.ndarray, seed: int) -> tuple:
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    step_fn = jax.jit(train_step, donate_argnums=(0, 1))
-    state = {"params": {k: jnp.asarray(v) for k, v in init.items()}}
-    state["opt"] = optimizer.init(state["params"])
+    def init_state(weights: dict) -> tuple:
+        params = {k: jnp.asarray(v) for k, v in weights.items()}
+        return params, optimizer.init(params)
+
+    return jax.jit(train_step, donate_argnums=(0, 1)), init_state
+
+
+def scg_params(weights: dict) -> dict:
+    """The common weights in :func:`scg.models.aevb.init_params`' layout."""
+    import jax.numpy as jnp
+
+    w = {k: jnp.asarray(v) for k, v in weights.items()}
+    return {"encoder": [{"w": w["enc0"]}, {"w": w["enc1"]}], "mu": {"w": w["mu"]}, "logvar": {"w": w["logvar"]},
+            "decoder": [{"w": w["dec0"]}, {"w": w["dec1"]}], "out": {"w": w["out"]}}
+
+
+def scg_weights(params: dict) -> dict:
+    """The inverse of :func:`scg_params`, as numpy arrays."""
+    p = params
+    return {k: np.asarray(v) for k, v in {
+        "enc0": p["encoder"][0]["w"], "enc1": p["encoder"][1]["w"], "mu": p["mu"]["w"], "logvar": p["logvar"]["w"],
+        "dec0": p["decoder"][0]["w"], "dec1": p["decoder"][1]["w"], "out": p["out"]["w"]}.items()}
+
+
+def scg_step(passes: Any = "auto") -> tuple[Any, Callable, Any]:
+    """``(objective, step, optimizer)``: the naive model compiled with ``passes``, stepped by scg.train."""
+    import optax
+
+    import scg
+    import scg.train
+    from scg.models import aevb
+
+    objective = scg.compile(aevb.aevb, passes=passes)
+    optimizer = optax.adam(LR, b1=B1, b2=B2, eps=EPS)
+    return objective, scg.train.make_step(objective, optimizer), optimizer
+
+
+def build_jax(init: dict, xs: np.ndarray, seed: int) -> tuple:
+    import jax
+    import jax.numpy as jnp
+
+    step_fn, init_state = jax_step()
+    state = dict(zip(("params", "opt"), init_state(init)))
     batches = [jnp.asarray(x) for x in xs]
     key = jax.random.key(seed)
 
@@ -176,26 +229,13 @@ def build_jax(init: dict, xs: np.ndarray, seed: int) -> tuple:
 def build_scg(init: dict, xs: np.ndarray, seed: int) -> tuple:
     import jax
     import jax.numpy as jnp
-    import optax
 
-    import scg
-    import scg.train
-    from scg.models import aevb
-
-    params = {
-        "encoder": [{"w": jnp.asarray(init["enc0"])}, {"w": jnp.asarray(init["enc1"])}],
-        "mu": {"w": jnp.asarray(init["mu"])},
-        "logvar": {"w": jnp.asarray(init["logvar"])},
-        "decoder": [{"w": jnp.asarray(init["dec0"])}, {"w": jnp.asarray(init["dec1"])}],
-        "out": {"w": jnp.asarray(init["out"])},
-    }
+    params = scg_params(init)
     batches = [jnp.asarray(x) for x in xs]
+    objective, step_fn, optimizer = scg_step("auto")
     t0 = time.perf_counter()
-    objective = scg.compile(aevb.aevb, passes="auto")
     graph, certificates = objective.graph_and_certificates(params, batches[0])  # trace + passes (cached)
     trace_passes_s = time.perf_counter() - t0
-    optimizer = optax.adam(LR, b1=B1, b2=B2, eps=EPS)
-    step_fn = scg.train.make_step(objective, optimizer)
     state = {"params": params, "opt": optimizer.init(params)}
     key = jax.random.key(seed)
 
@@ -203,16 +243,10 @@ def build_scg(init: dict, xs: np.ndarray, seed: int) -> tuple:
         state["params"], state["opt"], loss = step_fn(state["params"], state["opt"], key, i, batches[i % len(batches)])
         return float(loss)
 
-    def final() -> dict:
-        p = state["params"]
-        return {"enc0": p["encoder"][0]["w"], "enc1": p["encoder"][1]["w"], "mu": p["mu"]["w"],
-                "logvar": p["logvar"]["w"], "dec0": p["decoder"][0]["w"], "dec1": p["decoder"][1]["w"],
-                "out": p["out"]["w"]}
-
     extra = {"trace_passes_s": trace_passes_s,
              "rewrites": {c.pass_name: list(c.rewritten) for c in certificates},
              "score_function_sites": [s.name for s in graph.sites if not s.reparameterized]}
-    return step, lambda: {k: np.asarray(v) for k, v in final().items()}, extra
+    return step, lambda: scg_weights(state["params"]), extra
 
 
 def build_tensorflow(init: dict, xs: np.ndarray, seed: int, *, xla: bool) -> tuple:

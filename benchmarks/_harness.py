@@ -51,6 +51,7 @@ def emit(result: Mapping[str, Any]) -> None:
     """Prints a worker's result for the driver (one tagged JSON line) and adds its peak RSS."""
     out = dict(result)
     out.setdefault("peak_rss_mb", peak_rss_mb())
+    out.setdefault("loadavg_1min", os.getloadavg()[0])  # how busy the shared machine was
     sys.stdout.write(RESULT_TAG + json.dumps(out) + "\n")
     sys.stdout.flush()
 
@@ -141,24 +142,71 @@ def run_worker(script: str, system: str, args: Sequence[str] = (), *, timeout: f
     return {"error": f"worker exited with {proc.returncode} and no result:\n{tail}"}
 
 
+def describe_step(result: Mapping[str, Any]) -> str:
+    return (f"{result.get('ms_per_step', float('nan')):9.3f} ms/step"
+            f"   compile {result.get('compile_s', float('nan')):6.2f} s")
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """``(busy, total)`` jiffies of all CPUs since boot, from ``/proc/stat`` (None elsewhere)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_fraction(interval: float = 0.5) -> float | None:
+    """The fraction of all cores' time spent busy over ``interval`` seconds (None if unknown)."""
+    a = _cpu_times()
+    time.sleep(interval)
+    b = _cpu_times()
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+def wait_for_quiet(max_busy: float = 0.25, timeout: float = 5.0) -> float | None:
+    """Waits (up to ``timeout`` s) until other processes leave the cores mostly idle; returns the last reading.
+
+    On a shared machine a run that starts during another job's burst measures
+    that burst; waiting a few seconds skips short bursts. A long job (a training
+    run beside the benchmark) outlasts any wait: then every system runs beside
+    it, alternation keeps the comparison fair, and ``busy_before`` in each
+    result records it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = busy_fraction()
+        if busy is None or busy <= max_busy or time.monotonic() > deadline:
+            return busy
+        time.sleep(2.0)
+
+
 def alternate(systems: Sequence[str], rounds: int, run: Callable[[str, int], dict], *,
-              log: Callable[[str], None] = print) -> dict[str, list[dict]]:
+              log: Callable[[str], None] = print,
+              describe: Callable[[Mapping[str, Any]], str] = describe_step) -> dict[str, list[dict]]:
     """Runs ``run(system, round)`` for every system, round after round (A B C A B C ...).
 
-    Returns ``{system: [result of round 0, round 1, ...]}``.
+    Before each run, waits for the cores to be quiet (:func:`wait_for_quiet`) and
+    records the busy fraction it saw as ``busy_before``. Logs one line per run
+    (``describe(result)``). Returns ``{system: [result of round 0, round 1, ...]}``.
     """
     results: dict[str, list[dict]] = {s: [] for s in systems}
     for r in range(rounds):
         for s in systems:
+            busy = wait_for_quiet()
             res = run(s, r)
+            res["busy_before"] = busy
             results[s].append(res)
             if "error" in res:
-                log(f"  round {r + 1}/{rounds}  {s:<20s} FAILED: {res['error'].splitlines()[-1]}")
+                log(f"  round {r + 1}/{rounds}  {s:<24s} FAILED: {res['error'].splitlines()[-1]}")
             elif "skipped" in res:
-                log(f"  round {r + 1}/{rounds}  {s:<20s} skipped: {res['skipped']}")
+                log(f"  round {r + 1}/{rounds}  {s:<24s} skipped: {res['skipped']}")
             else:
-                log(f"  round {r + 1}/{rounds}  {s:<20s} {res.get('ms_per_step', float('nan')):9.3f} ms/step"
-                    f"   compile {res.get('compile_s', float('nan')):6.2f} s")
+                log(f"  round {r + 1}/{rounds}  {s:<24s} {describe(res)}")
     return results
 
 

@@ -1,4 +1,5 @@
-"""The ``scg`` command: ``scg aevb ...`` trains Certigrad's AEVB on MNIST.
+"""The ``scg`` command: ``scg aevb ...`` trains Certigrad's AEVB on MNIST; ``scg sbn ...``
+trains a sigmoid belief net on binarized MNIST with NVIL's baseline.
 
 Subcommands are registered in :data:`COMMANDS` (name -> (add_arguments, run)), so
 others (``scg sbn``) plug in beside ``aevb`` and reuse :func:`scg.train.fit`.
@@ -140,11 +141,140 @@ def _run_aevb(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- #
+# scg sbn
+# --------------------------------------------------------------------------- #
+
+SBN_BASELINES = ("nvil", "moving_average", "leave_one_out", "none")
+
+
+def _add_sbn_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=_non_negative_int, default=10,
+                        help="train up to this epoch (counting resumed ones; default 10)")
+    parser.add_argument("--batch-size", type=_positive_int, default=100, help="examples per step (default 100)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding binarized_mnist/ (default $SCG_DATA_DIR; nothing is downloaded)")
+    parser.add_argument("--out", default="runs/sbn",
+                        help="output folder: metrics.jsonl, checkpoint, PNGs (default runs/sbn)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0,
+                        help="seeds the initialization, batch order and sampling (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--baseline", choices=SBN_BASELINES, default="nvil",
+                        help="control variate for the score function of h: nvil (default; a learned "
+                             "784-100-1 MLP on x with running centering), moving_average, leave_one_out "
+                             "(needs --num-samples >= 2) or none")
+    parser.add_argument("--passes", choices=("auto", "none"), default="auto",
+                        help="auto: the analytic Bernoulli KL (default); none: the sampled KL, so h's "
+                             "learning signal is NVIL's log q(h|x) - log p(x,h)")
+    parser.add_argument("--num-samples", type=_positive_int, default=1,
+                        help="particles per gradient estimate (default 1)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the model (default 1e-3)")
+    parser.add_argument("--baseline-lr", type=float, default=3e-3,
+                        help="Adam learning rate of the nvil baseline network (default 3e-3)")
+    parser.add_argument("--hidden", type=_positive_int, default=200, help="stochastic hidden units (default 200)")
+    parser.add_argument("--recognition-hidden", type=_non_negative_int, default=0,
+                        help="width of a tanh layer in q(h|x) (0: linear, NVIL's; default 0)")
+    parser.add_argument("--eval-k", type=_non_negative_int, default=100,
+                        help="importance samples for the final test log-likelihood (0: skip; default 100)")
+    parser.add_argument("--steps-per-dispatch", type=_positive_int, default=1,
+                        help="optimizer steps per jitted call (lax.scan; default 1)")
+    parser.add_argument("--eval-batch-size", type=_positive_int, default=500,
+                        help="test examples per evaluation call (default 500)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_sbn(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+    import optax
+
+    import scg
+    from scg import plots, train
+    from scg.data import load_binarized_mnist
+    from scg.models import sbn
+
+    if args.baseline == "leave_one_out" and args.num_samples < 2:
+        raise UsageError("--baseline leave_one_out averages the other particles' costs: it needs "
+                         f"--num-samples 2 or more (got {args.num_samples})")
+    out = pathlib.Path(args.out)
+    train_x, _, test_x = load_binarized_mnist(args.data_dir)
+    x_dim = int(train_x.shape[1])
+    if args.batch_size > train_x.shape[0]:
+        raise UsageError(f"--batch-size {args.batch_size} exceeds the {train_x.shape[0]} training images")
+
+    init_key, baseline_key, run_key, final_key, plot_key = jax.random.split(jax.random.key(args.seed), 5)
+    recognition_hidden = (args.recognition_hidden,) if args.recognition_hidden else ()
+    params = sbn.init_params(init_key, x_dim=x_dim, hidden=args.hidden, recognition_hidden=recognition_hidden,
+                             data_mean=train_x.mean(axis=0))
+    baseline = {"nvil": lambda: sbn.nvil_baseline(baseline_key, x_dim=x_dim, lr=args.baseline_lr),
+                "moving_average": lambda: "moving_average", "leave_one_out": lambda: "leave_one_out",
+                "none": lambda: None}[args.baseline]()
+    objective = scg.compile(sbn.sbn, passes=args.passes, baseline=baseline)
+    # the test bound: the single-sample bound with the analytic KL (the same expectation, less noise);
+    # compiled without the baseline, which changes gradients only
+    eval_objective = scg.compile(sbn.sbn, passes="auto")
+    optimizer = optax.adam(args.lr, b1=0.9, b2=0.999, eps=1e-8)
+    config = {"model": "sbn", "x_dim": x_dim, "hidden": args.hidden, "recognition_hidden": args.recognition_hidden,
+              "batch_size": args.batch_size, "seed": args.seed, "passes": args.passes, "baseline": args.baseline,
+              "lr": args.lr, "baseline_lr": args.baseline_lr if args.baseline == "nvil" else None,
+              "num_samples": args.num_samples, "train_examples": int(train_x.shape[0])}
+
+    def evaluate(params, key):
+        return {"test_neg_elbo": train.evaluate_loss(eval_objective, params, test_x, key=key,
+                                                     batch_size=args.eval_batch_size)}
+
+    shown = np.asarray(test_x[:50])
+    prior_key = jax.random.fold_in(plot_key, 0)
+
+    def write_plots(state: train.TrainState) -> None:
+        if state.metrics:
+            plots.plot_curve(state.metrics, out / "curve.png", title=f"SBN {x_dim}-{args.hidden} on binarized MNIST")
+        plots.plot_reconstructions(shown, np.asarray(sbn.reconstruct(state.params, shown)),
+                                   out / "reconstructions.png", title=f"epoch {state.epoch}")
+        plots.plot_image_grid(np.asarray(sbn.sample_prior(state.params, prior_key, 100)), out / "samples.png",
+                              title=f"samples from the model (pixel means), epoch {state.epoch}")
+
+    print(f"scg sbn: {x_dim}-{args.hidden} sigmoid belief net, recognition "
+          f"{'linear' if not args.recognition_hidden else f'MLP {x_dim}-{args.recognition_hidden}-{args.hidden}'}, "
+          f"baseline={args.baseline}, passes={args.passes}, K={args.num_samples}, Adam({args.lr}), "
+          f"{train_x.shape[0]} training and {test_x.shape[0]} test images, batch {args.batch_size}, "
+          f"{train_x.shape[0] // args.batch_size} steps/epoch, out {out}", flush=True)
+    state = train.fit(
+        objective, optimizer, params, train.EpochBatches(train_x, args.batch_size, seed=args.seed),
+        epochs=args.epochs, key=run_key, num_samples=args.num_samples,
+        steps_per_dispatch=args.steps_per_dispatch, evaluate=evaluate, on_epoch_end=write_plots, out_dir=out,
+        resume=args.resume, config=config, train_metric="train_neg_elbo", progress=not args.no_progress,
+        log=lambda line: print(line, flush=True))
+    if not (out / "samples.png").exists() or state.epoch == 0:
+        write_plots(state)
+
+    results: dict = {"epoch": state.epoch, "step": state.step}
+    if state.metrics:
+        results["test_neg_elbo"] = state.metrics[-1]["test_neg_elbo"]
+        results["seconds"] = state.metrics[-1]["seconds"]
+    else:
+        results["test_neg_elbo"] = evaluate(state.params, jax.random.fold_in(final_key, 1))["test_neg_elbo"]
+    line = f"test: negative ELBO {results['test_neg_elbo']:.2f} nats (single-sample bound, analytic KL)"
+    if args.eval_k > 0:
+        log_px = sbn.iwae_log_likelihood(state.params, test_x, jax.random.fold_in(final_key, 0), args.eval_k,
+                                         batch_size=args.eval_batch_size)
+        results.update(eval_k=args.eval_k, test_iwae_log_likelihood=float(np.mean(log_px)))
+        line += f"; -log p(x) <= {-results['test_iwae_log_likelihood']:.2f} nats (IWAE, k={args.eval_k})"
+    print(line, flush=True)
+    from scg.checkpoint import atomic_write
+
+    with atomic_write(out / "final.json") as f:
+        f.write((json.dumps(results, indent=1) + "\n").encode())
+    return 0
+
+
+# --------------------------------------------------------------------------- #
 # The command.
 # --------------------------------------------------------------------------- #
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "aevb": ("train Certigrad's AEVB (a VAE, 784-1000-1000-30) on MNIST", _add_aevb_arguments, _run_aevb),
+    "sbn": ("train a sigmoid belief net (784-200 Bernoulli units) on binarized MNIST with NVIL's baseline",
+            _add_sbn_arguments, _run_sbn),
 }
 
 

@@ -15,6 +15,10 @@ ends with exactly the parameters of an uninterrupted run::
                           key=jax.random.key(0), out_dir="runs/model",
                           evaluate=lambda params, key: {"test_loss": ...})
 
+Stateful baselines (``objective.stateful``: a moving average, NVIL's learned
+baseline) keep their state in :attr:`TrainState.baseline_state`; the step takes
+and returns it, and checkpoints hold it, so such runs resume bit for bit too.
+
 Randomness: the run key is split once into a training and an evaluation key;
 step ``s`` (counted over the whole run from 0) uses ``fold_in(train_key, s)``,
 the evaluation after epoch ``e`` gets ``fold_in(eval_key, e)``, and the batch
@@ -51,6 +55,7 @@ __all__ = [
     "evaluate_loss",
     "fit",
     "init_state",
+    "is_stateful",
     "load_state",
     "make_multi_step",
     "make_step",
@@ -72,6 +77,8 @@ class TrainState(NamedTuple):
       epoch: epochs completed.
       step: optimizer steps completed over the whole run.
       metrics: one dict per completed epoch (what ``metrics.jsonl`` holds).
+      baseline_state: the state of the objective's stateful baseline (see
+        ``Objective.init_baseline_state``); None for objectives without one.
     """
 
     params: Any
@@ -80,6 +87,7 @@ class TrainState(NamedTuple):
     epoch: int
     step: int
     metrics: tuple
+    baseline_state: Any = None
 
 
 class NonFiniteLossError(ScgError, FloatingPointError):
@@ -100,9 +108,19 @@ class NonFiniteLossError(ScgError, FloatingPointError):
         self.checkpoint = checkpoint
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    """The state before the first step: ``optimizer.init(params)``, epoch and step 0, no metrics."""
-    return TrainState(params, optimizer.init(params), key, 0, 0, ())
+def init_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Array, *,
+               baseline_state: Any = None) -> TrainState:
+    """The state before the first step: ``optimizer.init(params)``, epoch and step 0, no metrics.
+
+    ``baseline_state``: the initial state of a stateful baseline, e.g.
+    ``objective.init_baseline_state(params, *batch)`` (None: the objective has none).
+    """
+    return TrainState(params, optimizer.init(params), key, 0, 0, (), baseline_state)
+
+
+def is_stateful(objective: Any) -> bool:
+    """Whether ``objective`` carries baseline state through its steps (``objective.stateful``)."""
+    return bool(getattr(objective, "stateful", False))
 
 
 # --------------------------------------------------------------------------- #
@@ -111,11 +129,18 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Ar
 
 
 def _step_body(objective: Any, optimizer: optax.GradientTransformation, num_samples: int) -> Callable:
-    def body(params, opt_state, train_key, step, batch):
+    """``body(params, opt_state, baseline_state, train_key, step, batch) -> (params, opt_state, baseline_state, loss)``."""
+    stateful = is_stateful(objective)
+
+    def body(params, opt_state, baseline_state, train_key, step, batch):
         key = jax.random.fold_in(train_key, step)
-        loss, grads = objective.value_and_grad(params, *batch, key=key, num_samples=num_samples)
+        if stateful:
+            loss, grads, baseline_state = objective.value_and_grad(
+                params, *batch, key=key, num_samples=num_samples, baseline_state=baseline_state)
+        else:
+            loss, grads = objective.value_and_grad(params, *batch, key=key, num_samples=num_samples)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, baseline_state, loss
 
     return body
 
@@ -133,11 +158,22 @@ def make_step(objective: Any, optimizer: optax.GradientTransformation, *, num_sa
       ``step(params, opt_state, train_key, step, *batch) -> (params, opt_state, loss)``:
       pure and jitted; the gradient's key is ``fold_in(train_key, step)``. The
       buffers of ``params`` and ``opt_state`` are donated (do not reuse them).
+
+      When the objective has a stateful baseline (``objective.stateful``), the
+      baseline state travels beside the optimizer state:
+      ``step(params, opt_state, baseline_state, train_key, step, *batch) ->
+      (params, opt_state, baseline_state, loss)``, its buffers donated too.
     """
     body = _step_body(objective, optimizer, num_samples)
+    if is_stateful(objective):
+        def stateful_step(params, opt_state, baseline_state, train_key, step, *batch):
+            return body(params, opt_state, baseline_state, train_key, step, batch)
+
+        return jax.jit(stateful_step, donate_argnums=(0, 1, 2))
 
     def step(params, opt_state, train_key, step, *batch):
-        return body(params, opt_state, train_key, step, batch)
+        params, opt_state, _, loss = body(params, opt_state, None, train_key, step, batch)
+        return params, opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
 
@@ -150,20 +186,31 @@ def make_multi_step(objective: Any, optimizer: optax.GradientTransformation, *, 
       opt_state, losses)`` where each array of ``stacked`` has a leading axis of
       ``n`` batches; step ``i`` uses the key ``fold_in(train_key, first_step + i)``,
       as ``n`` calls of :func:`make_step`'s step would. ``losses``: ``(n,)``.
+      With a stateful baseline: ``multi_step(params, opt_state, baseline_state,
+      train_key, first_step, *stacked) -> (params, opt_state, baseline_state, losses)``.
     """
     body = _step_body(objective, optimizer, num_samples)
 
-    def multi_step(params, opt_state, train_key, first_step, *stacked):
+    def steps(params, opt_state, baseline_state, train_key, first_step, stacked):
         n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
 
         def scan_body(carry, inputs):
-            params, opt_state = carry
             i, batch = inputs
-            params, opt_state, loss = body(params, opt_state, train_key, first_step + i, batch)
-            return (params, opt_state), loss
+            *carry, loss = body(*carry, train_key, first_step + i, batch)
+            return tuple(carry), loss
 
-        (params, opt_state), losses = jax.lax.scan(
-            scan_body, (params, opt_state), (jnp.arange(n, dtype=jnp.int32), stacked))
+        (params, opt_state, baseline_state), losses = jax.lax.scan(
+            scan_body, (params, opt_state, baseline_state), (jnp.arange(n, dtype=jnp.int32), stacked))
+        return params, opt_state, baseline_state, losses
+
+    if is_stateful(objective):
+        def stateful_multi_step(params, opt_state, baseline_state, train_key, first_step, *stacked):
+            return steps(params, opt_state, baseline_state, train_key, first_step, stacked)
+
+        return jax.jit(stateful_multi_step, donate_argnums=(0, 1, 2))
+
+    def multi_step(params, opt_state, train_key, first_step, *stacked):
+        params, opt_state, _, losses = steps(params, opt_state, None, train_key, first_step, stacked)
         return params, opt_state, losses
 
     return jax.jit(multi_step, donate_argnums=(0, 1))
@@ -244,8 +291,12 @@ def _json_config(config: Mapping[str, Any] | None) -> str:
 
 
 def save_state(path: os.PathLike | str, state: TrainState, config: Mapping[str, Any] | None = None) -> None:
-    """Writes ``state`` (and the run's ``config``) to ``path`` atomically (see :mod:`scg.checkpoint`)."""
-    save_checkpoint(path, {
+    """Writes ``state`` (and the run's ``config``) to ``path`` atomically (see :mod:`scg.checkpoint`).
+
+    A ``baseline_state`` that is not None is saved too (a state without one
+    writes exactly the file it wrote before stateful baselines existed).
+    """
+    tree = {
         "kind": _CHECKPOINT_KIND,
         "params": state.params,
         "opt_state": state.opt_state,
@@ -254,7 +305,10 @@ def save_state(path: os.PathLike | str, state: TrainState, config: Mapping[str, 
         "step": int(state.step),
         "metrics": json.dumps(list(state.metrics)),
         "config": _json_config(config),
-    })
+    }
+    if state.baseline_state is not None:
+        tree["baseline_state"] = state.baseline_state
+    save_checkpoint(path, tree)
 
 
 def load_state(path: os.PathLike | str, like: TrainState, config: Mapping[str, Any] | None = None) -> TrainState:
@@ -263,7 +317,8 @@ def load_state(path: os.PathLike | str, like: TrainState, config: Mapping[str, A
     Args:
       path: the checkpoint file.
       like: a state of the same model and optimizer (e.g. :func:`init_state` of
-        fresh parameters): every array must match its shape and dtype.
+        fresh parameters, with the initial ``baseline_state`` if the objective
+        keeps one): every array must match its shape and dtype.
       config: the run's settings; when given, must equal the ones saved.
 
     Raises:
@@ -281,6 +336,8 @@ def load_state(path: os.PathLike | str, like: TrainState, config: Mapping[str, A
         "metrics": "",
         "config": "",
     }
+    if like.baseline_state is not None:
+        template["baseline_state"] = like.baseline_state
     tree = load_checkpoint(path, like=template)
     if tree["kind"] != _CHECKPOINT_KIND:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} is a {tree['kind']!r}, not a training state.",
@@ -304,7 +361,8 @@ def load_state(path: os.PathLike | str, like: TrainState, config: Mapping[str, A
         raise CheckpointError(
             f"checkpoint {os.fspath(path)!r} is inconsistent: epoch {tree['epoch']} but {len(metrics)} metric "
             "records. Delete it to start afresh, or choose another output folder.", path=path, leaf="metrics")
-    return TrainState(tree["params"], tree["opt_state"], tree["key"], tree["epoch"], tree["step"], metrics)
+    return TrainState(tree["params"], tree["opt_state"], tree["key"], tree["epoch"], tree["step"], metrics,
+                      tree.get("baseline_state"))
 
 
 def _write_metrics(path: pathlib.Path, metrics: Iterable[Mapping]) -> None:
@@ -364,6 +422,7 @@ def fit(
     epochs: int,
     key: jax.Array,
     num_samples: int = 1,
+    baseline_state: Any = None,
     steps_per_dispatch: int = 1,
     evaluate: Callable[[Any, jax.Array], Mapping[str, Any]] | None = None,
     on_epoch_end: Callable[[TrainState], None] | None = None,
@@ -378,7 +437,8 @@ def fit(
 
     Args:
       objective: an :class:`scg.Objective` (anything with ``value_and_grad(params,
-        *batch, key=, num_samples=) -> (loss, grads)``).
+        *batch, key=, num_samples=) -> (loss, grads)``; with ``stateful`` true,
+        ``value_and_grad(..., baseline_state=) -> (loss, grads, new_state)``).
       optimizer: an optax ``GradientTransformation``.
       params: initial parameters; on ``resume``, the template the checkpoint must
         match (its values are not used). Not modified (the loop works on a copy).
@@ -389,6 +449,13 @@ def fit(
       epochs: the epoch to train up to.
       key: the run's PRNG key (see the module docstring).
       num_samples: particles per gradient estimate.
+      baseline_state: for an objective with a stateful baseline
+        (``objective.stateful``), the state to start from (e.g. a pre-trained
+        learned baseline); None: ``objective.init_baseline_state(params,
+        *first_batch)`` with the first batch of ``batches(0)``. It is carried
+        from step to step, kept in :attr:`TrainState.baseline_state` and in the
+        checkpoints (on ``resume``, the template of the saved one). Must be
+        None for objectives without one.
       steps_per_dispatch: optimizer steps per jitted call (``lax.scan`` over that
         many batches; a smaller last group per epoch compiles once more).
       evaluate: ``(params, key) -> {name: value}`` called after every epoch; its
@@ -427,8 +494,19 @@ def fit(
     metrics_file = out / METRICS_NAME if out is not None else None
     _json_config(config)  # refuse a bad config before any work
 
-    # A copy: the steps donate their input buffers, and the caller keeps its params.
-    fresh = init_state(jax.tree_util.tree_map(jnp.array, params), optimizer, key)
+    stateful = is_stateful(objective)
+    if stateful and baseline_state is None:
+        first_batch = next(iter(batches(0)), None)
+        if first_batch is None:
+            raise ValueError("fit: batches(0) yielded no batch; an epoch needs at least one.")
+        baseline_state = objective.init_baseline_state(params, *map(jnp.asarray, _as_tuple(first_batch)))
+    elif not stateful and baseline_state is not None:
+        raise ValueError("fit: baseline_state was given, but the objective's baseline keeps no state "
+                         "(objective.stateful is False).")
+    # Copies: the steps donate their input buffers, and the caller keeps its params (and the
+    # baseline keeps the initial state it hands out).
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)
+    fresh = init_state(copy(params), optimizer, key, baseline_state=copy(baseline_state))
     if resume:
         if checkpoint is None:
             raise ValueError("fit: resume=True needs out_dir (the folder holding the checkpoint).")
@@ -451,7 +529,7 @@ def fit(
     seconds_before = float(state.metrics[-1].get("seconds", 0.0)) if state.metrics else 0.0
     start = time.perf_counter()
     total = len(batches) if hasattr(batches, "__len__") else None
-    params, opt_state, step = state.params, state.opt_state, state.step
+    params, opt_state, baseline, step = state.params, state.opt_state, state.baseline_state, state.step
 
     for epoch in range(state.epoch, epochs):
         losses: list[np.ndarray] = []
@@ -461,13 +539,15 @@ def fit(
         try:
             for group in _groups(batches(epoch), steps_per_dispatch):
                 first = jnp.asarray(step, jnp.int32)
+                carried = (params, opt_state, baseline) if stateful else (params, opt_state)
                 if multi_fn is None:
-                    params, opt_state, loss = step_fn(params, opt_state, train_key, first, *map(jnp.asarray, group[0]))
-                    values = np.asarray(loss, np.float64).reshape(1)
+                    *carried, loss = step_fn(*carried, train_key, first, *map(jnp.asarray, group[0]))
                 else:
                     stacked = tuple(jnp.asarray(np.stack(parts)) for parts in zip(*group))
-                    params, opt_state, loss = multi_fn(params, opt_state, train_key, first, *stacked)
-                    values = np.asarray(loss, np.float64).reshape(-1)
+                    *carried, loss = multi_fn(*carried, train_key, first, *stacked)
+                values = np.asarray(loss, np.float64).reshape(-1)
+                params, opt_state = carried[0], carried[1]
+                baseline = carried[2] if stateful else None
                 bad = np.flatnonzero(~np.isfinite(values))
                 if bad.size:
                     _raise_non_finite(step + int(bad[0]) + 1, epoch + 1, float(values[bad[0]]), checkpoint)
@@ -485,7 +565,7 @@ def fit(
         if evaluate is not None:
             record.update(evaluate(params, jax.random.fold_in(eval_key, epoch)))
         record["seconds"] = seconds_before + time.perf_counter() - start
-        state = TrainState(params, opt_state, state.key, epoch + 1, step, (*state.metrics, record))
+        state = TrainState(params, opt_state, state.key, epoch + 1, step, (*state.metrics, record), baseline)
         if out is not None:
             save_state(checkpoint, state, config)
             _append_metrics(metrics_file, record)
@@ -494,8 +574,8 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(state)
         # the donated buffers now belong to the next step; keep the state's arrays valid
-        params = jax.tree_util.tree_map(jnp.array, params) if epoch + 1 < epochs else params
-        opt_state = jax.tree_util.tree_map(jnp.array, opt_state) if epoch + 1 < epochs else opt_state
+        if epoch + 1 < epochs:
+            params, opt_state, baseline = copy(params), copy(opt_state), copy(baseline)
     return state
 
 
