@@ -52,6 +52,7 @@ import numpyro.distributions as dist
 import optax
 
 import scg
+from scg.models._evaluation import iwae_in_batches
 
 __all__ = [
     "Sizes",
@@ -300,17 +301,4 @@ def iwae_log_likelihood(params: dict, x: Any, key: jax.Array, k: int, *, batch_s
     Returns:
       ``(N,)`` float64 numpy array of per-example estimates, in nats.
     """
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"iwae_log_likelihood: k must be a positive int, got {k!r}.")
-    x = np.asarray(x)
-    n = x.shape[0]
-    batch_size = max(1, min(int(batch_size), n))
-    out = []
-    for j, start in enumerate(range(0, n, batch_size)):
-        chunk = x[start : start + batch_size]
-        real = chunk.shape[0]
-        if real < batch_size:  # pad with copies of the first row; the padding is dropped below
-            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - real, axis=0)])
-        values = _iwae_jit(params, jnp.asarray(chunk), jax.random.fold_in(key, j), k=int(k))
-        out.append(np.asarray(values, dtype=np.float64)[:real])
-    return np.concatenate(out) if out else np.zeros((0,), np.float64)
+    return iwae_in_batches(_iwae_jit, params, x, key, k, batch_size)
