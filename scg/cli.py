@@ -70,11 +70,9 @@ def _add_aevb_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_aevb(args: argparse.Namespace) -> int:
     import jax
-    import numpy as np
     import optax
 
     import scg
-    from scg import plots, train
     from scg.data import load_mnist
     from scg.models import aevb
 
@@ -95,49 +93,13 @@ def _run_aevb(args: argparse.Namespace) -> int:
               "biases": args.biases, "batch_size": args.batch_size, "seed": args.seed, "passes": args.passes,
               "lr": args.lr, "num_samples": args.num_samples, "train_examples": int(train_x.shape[0])}
 
-    def evaluate(params, key):
-        return {"test_neg_elbo": train.evaluate_loss(eval_objective, params, test_x, key=key,
-                                                     batch_size=args.eval_batch_size)}
-
-    shown = np.asarray(test_x[:50])
-    prior_key = jax.random.fold_in(plot_key, 0)
-
-    def write_plots(state: train.TrainState) -> None:
-        if state.metrics:
-            plots.plot_curve(state.metrics, out / "curve.png", title="AEVB on MNIST")
-        plots.plot_reconstructions(shown, np.asarray(aevb.reconstruct(state.params, shown)),
-                                   out / "reconstructions.png", title=f"epoch {state.epoch}")
-        plots.plot_image_grid(np.asarray(aevb.sample_prior(state.params, prior_key, 100)), out / "samples.png",
-                              title=f"samples from the prior, epoch {state.epoch}")
-
     print(f"scg aevb: {x_dim}-{args.hidden}-{args.hidden}-{args.latent}{' with biases' if args.biases else ''}, "
           f"passes={args.passes}, {train_x.shape[0]} training and {test_x.shape[0]} test images, "
           f"batch {args.batch_size}, {train_x.shape[0] // args.batch_size} steps/epoch, out {out}", flush=True)
-    state = train.fit(
-        objective, optimizer, params, train.EpochBatches(train_x, args.batch_size, seed=args.seed),
-        epochs=args.epochs, key=run_key, num_samples=args.num_samples,
-        steps_per_dispatch=args.steps_per_dispatch, evaluate=evaluate, on_epoch_end=write_plots, out_dir=out,
-        resume=args.resume, config=config, train_metric="train_neg_elbo", progress=not args.no_progress,
-        log=lambda line: print(line, flush=True))
-    if not (out / "samples.png").exists() or state.epoch == 0:
-        write_plots(state)
-
-    results: dict = {"epoch": state.epoch, "step": state.step}
-    if state.metrics:
-        results["test_neg_elbo"] = state.metrics[-1]["test_neg_elbo"]
-    else:
-        results["test_neg_elbo"] = evaluate(state.params, jax.random.fold_in(final_key, 1))["test_neg_elbo"]
-    line = f"test: negative ELBO {results['test_neg_elbo']:.2f} nats (single-sample bound, analytic KL)"
-    if args.eval_k > 0:
-        log_px = aevb.iwae_log_likelihood(state.params, test_x, jax.random.fold_in(final_key, 0), args.eval_k)
-        results.update(eval_k=args.eval_k, test_iwae_log_likelihood=float(np.mean(log_px)))
-        line += f"; -log p(x) <= {-results['test_iwae_log_likelihood']:.2f} nats (IWAE, k={args.eval_k})"
-    print(line, flush=True)
-    from scg.checkpoint import atomic_write
-
-    with atomic_write(out / "final.json") as f:
-        f.write((json.dumps(results, indent=1) + "\n").encode())
-    return 0
+    return _train_and_report(
+        args, aevb, objective, eval_objective, optimizer, params, train_x, test_x, config,
+        keys=(run_key, final_key, plot_key), curve_title="AEVB on MNIST",
+        samples_title="samples from the prior", iwae_batch_size=None)
 
 
 # --------------------------------------------------------------------------- #
@@ -184,11 +146,9 @@ def _add_sbn_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_sbn(args: argparse.Namespace) -> int:
     import jax
-    import numpy as np
     import optax
 
     import scg
-    from scg import plots, train
     from scg.data import load_binarized_mnist
     from scg.models import sbn
 
@@ -218,6 +178,37 @@ def _run_sbn(args: argparse.Namespace) -> int:
               "lr": args.lr, "baseline_lr": args.baseline_lr if args.baseline == "nvil" else None,
               "num_samples": args.num_samples, "train_examples": int(train_x.shape[0])}
 
+    print(f"scg sbn: {x_dim}-{args.hidden} sigmoid belief net, recognition "
+          f"{'linear' if not args.recognition_hidden else f'MLP {x_dim}-{args.recognition_hidden}-{args.hidden}'}, "
+          f"baseline={args.baseline}, passes={args.passes}, K={args.num_samples}, Adam({args.lr}), "
+          f"{train_x.shape[0]} training and {test_x.shape[0]} test images, batch {args.batch_size}, "
+          f"{train_x.shape[0] // args.batch_size} steps/epoch, out {out}", flush=True)
+    return _train_and_report(
+        args, sbn, objective, eval_objective, optimizer, params, train_x, test_x, config,
+        keys=(run_key, final_key, plot_key), curve_title=f"SBN {x_dim}-{args.hidden} on binarized MNIST",
+        samples_title="samples from the model (pixel means)", iwae_batch_size=args.eval_batch_size)
+
+
+# --------------------------------------------------------------------------- #
+# Shared by the training commands
+# --------------------------------------------------------------------------- #
+
+
+def _train_and_report(args, model_module, objective, eval_objective, optimizer, params, train_x, test_x, config, *,
+                      keys, curve_title: str, samples_title: str, iwae_batch_size) -> int:
+    """Trains with :func:`scg.train.fit`, plots after every epoch, and writes the final bounds.
+
+    ``model_module`` provides ``reconstruct``, ``sample_prior`` and ``iwae_log_likelihood``.
+    """
+    import jax
+    import numpy as np
+
+    from scg import plots, train
+    from scg.checkpoint import atomic_write
+
+    run_key, final_key, plot_key = keys
+    out = pathlib.Path(args.out)
+
     def evaluate(params, key):
         return {"test_neg_elbo": train.evaluate_loss(eval_objective, params, test_x, key=key,
                                                      batch_size=args.eval_batch_size)}
@@ -227,17 +218,12 @@ def _run_sbn(args: argparse.Namespace) -> int:
 
     def write_plots(state: train.TrainState) -> None:
         if state.metrics:
-            plots.plot_curve(state.metrics, out / "curve.png", title=f"SBN {x_dim}-{args.hidden} on binarized MNIST")
-        plots.plot_reconstructions(shown, np.asarray(sbn.reconstruct(state.params, shown)),
+            plots.plot_curve(state.metrics, out / "curve.png", title=curve_title)
+        plots.plot_reconstructions(shown, np.asarray(model_module.reconstruct(state.params, shown)),
                                    out / "reconstructions.png", title=f"epoch {state.epoch}")
-        plots.plot_image_grid(np.asarray(sbn.sample_prior(state.params, prior_key, 100)), out / "samples.png",
-                              title=f"samples from the model (pixel means), epoch {state.epoch}")
+        plots.plot_image_grid(np.asarray(model_module.sample_prior(state.params, prior_key, 100)),
+                              out / "samples.png", title=f"{samples_title}, epoch {state.epoch}")
 
-    print(f"scg sbn: {x_dim}-{args.hidden} sigmoid belief net, recognition "
-          f"{'linear' if not args.recognition_hidden else f'MLP {x_dim}-{args.recognition_hidden}-{args.hidden}'}, "
-          f"baseline={args.baseline}, passes={args.passes}, K={args.num_samples}, Adam({args.lr}), "
-          f"{train_x.shape[0]} training and {test_x.shape[0]} test images, batch {args.batch_size}, "
-          f"{train_x.shape[0] // args.batch_size} steps/epoch, out {out}", flush=True)
     state = train.fit(
         objective, optimizer, params, train.EpochBatches(train_x, args.batch_size, seed=args.seed),
         epochs=args.epochs, key=run_key, num_samples=args.num_samples,
@@ -255,13 +241,12 @@ def _run_sbn(args: argparse.Namespace) -> int:
         results["test_neg_elbo"] = evaluate(state.params, jax.random.fold_in(final_key, 1))["test_neg_elbo"]
     line = f"test: negative ELBO {results['test_neg_elbo']:.2f} nats (single-sample bound, analytic KL)"
     if args.eval_k > 0:
-        log_px = sbn.iwae_log_likelihood(state.params, test_x, jax.random.fold_in(final_key, 0), args.eval_k,
-                                         batch_size=args.eval_batch_size)
+        extra = {} if iwae_batch_size is None else {"batch_size": iwae_batch_size}
+        log_px = model_module.iwae_log_likelihood(state.params, test_x, jax.random.fold_in(final_key, 0),
+                                                  args.eval_k, **extra)
         results.update(eval_k=args.eval_k, test_iwae_log_likelihood=float(np.mean(log_px)))
         line += f"; -log p(x) <= {-results['test_iwae_log_likelihood']:.2f} nats (IWAE, k={args.eval_k})"
     print(line, flush=True)
-    from scg.checkpoint import atomic_write
-
     with atomic_write(out / "final.json") as f:
         f.write((json.dumps(results, indent=1) + "\n").encode())
     return 0
