@@ -230,6 +230,8 @@ def build_scg(init: dict, xs: np.ndarray, seed: int) -> tuple:
     import jax
     import jax.numpy as jnp
 
+    from scg.estimators import score_sites
+
     params = scg_params(init)
     batches = [jnp.asarray(x) for x in xs]
     objective, step_fn, optimizer = scg_step("auto")
@@ -245,7 +247,7 @@ def build_scg(init: dict, xs: np.ndarray, seed: int) -> tuple:
 
     extra = {"trace_passes_s": trace_passes_s,
              "rewrites": {c.pass_name: list(c.rewritten) for c in certificates},
-             "score_function_sites": [s.name for s in graph.sites if not s.reparameterized]}
+             "score_function_sites": [s.name for s in score_sites(graph)]}
     return step, lambda: scg_weights(state["params"]), extra
 
 

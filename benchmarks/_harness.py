@@ -187,17 +187,18 @@ def wait_for_quiet(max_busy: float = 0.25, timeout: float = 5.0) -> float | None
 
 def alternate(systems: Sequence[str], rounds: int, run: Callable[[str, int], dict], *,
               log: Callable[[str], None] = print,
-              describe: Callable[[Mapping[str, Any]], str] = describe_step) -> dict[str, list[dict]]:
+              describe: Callable[[Mapping[str, Any]], str] = describe_step,
+              quiet_timeout: float = 5.0) -> dict[str, list[dict]]:
     """Runs ``run(system, round)`` for every system, round after round (A B C A B C ...).
 
-    Before each run, waits for the cores to be quiet (:func:`wait_for_quiet`) and
+    Before each run, waits up to ``quiet_timeout`` s for the cores to be quiet (:func:`wait_for_quiet`) and
     records the busy fraction it saw as ``busy_before``. Logs one line per run
     (``describe(result)``). Returns ``{system: [result of round 0, round 1, ...]}``.
     """
     results: dict[str, list[dict]] = {s: [] for s in systems}
     for r in range(rounds):
         for s in systems:
-            busy = wait_for_quiet()
+            busy = wait_for_quiet(timeout=quiet_timeout)
             res = run(s, r)
             res["busy_before"] = busy
             results[s].append(res)

@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="scg-bench-") as tmp:
         init, batches = _aevb.write_inputs(tmp, train, batch=a.batch, n_batches=20, hidden=a.hidden)
         args = _aevb.worker_args(init, batches, warmup=warmup, steps=steps)
-        results = _harness.alternate(systems, rounds, lambda s, r: _aevb.run_aevb(s, args))
+        results = _harness.alternate(systems, rounds, lambda s, r: _aevb.run_aevb(s, args),
+                                     quiet_timeout=1.0 if a.quick else 5.0)
 
     machine["loadavg_end"] = os.getloadavg()
     payload = {

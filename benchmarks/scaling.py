@@ -103,6 +103,7 @@ def plot(results: list[dict], path: str, machine: dict) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xticks([], minor=True)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("ms per training step (median)")
         for r in rs:
