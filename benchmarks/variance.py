@@ -291,6 +291,8 @@ def main(argv=None) -> int:
         with open(args.out + ".json") as f:
             rows = json.load(f)["rows"]
         plot(rows, args.out + ".png")
+        with open(args.out + ".md", "w") as f:
+            f.write(table(rows) + "\n")
         print(table(rows))
         return 0
 
