@@ -15,7 +15,7 @@ Systems (``--worker NAME``):
 
 * ``scg``: the naive model :func:`scg.models.aevb.aevb` (sampled KL, ``z`` an
   ordinary site) compiled with ``passes="auto"`` (which certifies and applies
-  ``integrate_kl`` and ``reparameterize``), stepped by :func:`scg.train.make_step`;
+  ``integrate_kl`` and ``reparameterize``), stepped by :func:`scg.training.make_step`;
 * ``jax``: the math above hand-written in jitted JAX + optax (the reference);
 * ``tensorflow`` / ``tensorflow_xla``: TF2 ``tf.function`` (``jit_compile=False`` /
   ``True``) with Keras' Adam (which adds eps to ``sqrt(v)`` of the bias-corrected
@@ -100,8 +100,8 @@ def load_images(data_dir: str | None, *, synthetic_n: int = 60_000, seed: int = 
     Never downloads: without the files the benchmark runs on uniform-random
     images and says so.
     """
-    from scg.data import load_mnist
-    from scg.data.errors import DataError
+    from scg.datasets import load_mnist
+    from scg.datasets.errors import DataError
 
     data_dir = data_dir or default_data_dir()
     if data_dir:
@@ -198,16 +198,16 @@ def scg_weights(params: dict) -> dict:
 
 
 def scg_step(passes: Any = "auto") -> tuple[Any, Callable, Any]:
-    """``(objective, step, optimizer)``: the naive model compiled with ``passes``, stepped by scg.train."""
+    """``(objective, step, optimizer)``: the naive model compiled with ``passes``, stepped by scg.training."""
     import optax
 
     import scg
-    import scg.train
+    import scg.training
     from scg.models import aevb
 
     objective = scg.compile(aevb.aevb, passes=passes)
     optimizer = optax.adam(LR, b1=B1, b2=B2, eps=EPS)
-    return objective, scg.train.make_step(objective, optimizer), optimizer
+    return objective, scg.training.make_step(objective, optimizer), optimizer
 
 
 def build_jax(init: dict, xs: np.ndarray, seed: int) -> tuple:

@@ -32,7 +32,7 @@ import _harness  # noqa: E402
 
 SYSTEMS = _aevb.SYSTEMS
 LABELS = {
-    "scg": "scg (naive model, passes=auto, scg.train.make_step)",
+    "scg": "scg (naive model, passes=auto, scg.training.make_step)",
     "jax": "hand-written JAX + optax (jit)",
     "tensorflow": "TensorFlow 2 tf.function",
     "tensorflow_xla": "TensorFlow 2 tf.function(jit_compile=True)",

@@ -17,11 +17,11 @@ log_scale = 0, in three systems:
 
 Each in two variants:
 
-* ``loop``: one jitted step per Python call (``scg.train.make_step``;
+* ``loop``: one jitted step per Python call (``scg.training.make_step``;
   ``jax.jit(svi.update)``), 20,000 dispatches, losses fetched at the end
   (JAX's asynchronous dispatch is allowed to run ahead);
 * ``scan``: ``--per-dispatch`` steps per call in ``lax.scan``
-  (``scg.train.make_multi_step``; for NumPyro, ``jax.jit`` of the same
+  (``scg.training.make_multi_step``; for NumPyro, ``jax.jit`` of the same
   ``lax.scan`` over ``svi.update`` that ``svi.run(..., progress_bar=False)``
   runs, jitted so that it is compiled once).
 
@@ -178,11 +178,11 @@ def run_worker(name: str, steps: int, per_dispatch: int, seed: int) -> dict:
         optimizer = optax.adam(LR)
         params = _init_params()
         if system == "scg":
-            import scg.train
+            import scg.training
 
             objective = scg_objective()
-            one_step = scg.train.make_step(objective, optimizer)
-            multi_step = scg.train.make_multi_step(objective, optimizer)
+            one_step = scg.training.make_step(objective, optimizer)
+            multi_step = scg.training.make_multi_step(objective, optimizer)
         else:
             def body(p, o, k, i, xb, yb):
                 loss, g = jax.value_and_grad(jax_loss)(p, xb, yb, jax.random.fold_in(k, i))

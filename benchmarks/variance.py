@@ -53,8 +53,8 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH_DIR))
 
 import scg  # noqa: E402
-from scg import train  # noqa: E402
-from scg.data import load_binarized_mnist  # noqa: E402
+from scg import training  # noqa: E402
+from scg.datasets import load_binarized_mnist  # noqa: E402
 from scg.models import sbn  # noqa: E402
 
 RESULTS = os.path.join(BENCH_DIR, "results")
@@ -72,7 +72,7 @@ def trained_params(train_x: np.ndarray, hidden: int, steps: int, batch_size: int
     if steps == 0:
         return params
     objective = scg.compile(sbn.sbn, baseline=sbn.nvil_baseline(baseline_key))
-    batches = train.EpochBatches(train_x, batch_size, seed=seed)
+    batches = training.EpochBatches(train_x, batch_size, seed=seed)
     epochs = -(-steps // len(batches))
 
     def limited(epoch):
@@ -80,7 +80,7 @@ def trained_params(train_x: np.ndarray, hidden: int, steps: int, batch_size: int
             if epoch * len(batches) + i < steps:
                 yield b
 
-    state = train.fit(objective, optax.adam(3e-3), params, limited, epochs=epochs, key=run_key, progress=False,
+    state = training.fit(objective, optax.adam(3e-3), params, limited, epochs=epochs, key=run_key, progress=False,
                       log=None)
     return state.params
 
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
         model = f"SBN-{hidden}"
         start = time.perf_counter()
         params = trained_params(train_x, hidden, args.train_steps, args.batch_size, args.seed)
-        neg_elbo = train.evaluate_loss(scg.compile(sbn.sbn), params, train_x[:5000], key=jax.random.key(1),
+        neg_elbo = training.evaluate_loss(scg.compile(sbn.sbn), params, train_x[:5000], key=jax.random.key(1),
                                        batch_size=500)
         print(f"{model}: trained {args.train_steps} steps in {time.perf_counter() - start:.0f} s; "
               f"-ELBO on 5,000 training images {neg_elbo:.2f}", flush=True)

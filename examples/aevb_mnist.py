@@ -4,7 +4,7 @@
 
 The command `scg aevb` does the same with checkpoints, resuming and plots; this
 script shows the parts: the model, `scg.compile` (analytic KL + reparameterized
-z, certified), and the generic training loop `scg.train.fit`.
+z, certified), and the generic training loop `scg.training.fit`.
 """
 
 import argparse
@@ -14,8 +14,8 @@ import numpy as np
 import optax
 
 import scg
-from scg import train
-from scg.data import load_mnist
+from scg import training
+from scg.datasets import load_mnist
 from scg.models import aevb
 
 
@@ -34,10 +34,10 @@ def main() -> None:
         print(certificate, "\n")
 
     def evaluate(params, key):
-        return {"test_neg_elbo": train.evaluate_loss(objective, params, mnist.test_images, key=key)}
+        return {"test_neg_elbo": training.evaluate_loss(objective, params, mnist.test_images, key=key)}
 
-    state = train.fit(objective, optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8), params,
-                      train.EpochBatches(mnist.train_images, 250, seed=0), epochs=args.epochs, key=run_key,
+    state = training.fit(objective, optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8), params,
+                      training.EpochBatches(mnist.train_images, 250, seed=0), epochs=args.epochs, key=run_key,
                       evaluate=evaluate, train_metric="train_neg_elbo")
     log_px = aevb.iwae_log_likelihood(state.params, mnist.test_images, iwae_key, k=100)
     print(f"test log-likelihood (IWAE, k=100): {np.mean(log_px):.2f} nats")

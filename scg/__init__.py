@@ -4,6 +4,8 @@ Trace a model into an IR, rewrite it with certified passes, lower it to one
 jitted unbiased gradient estimator, and check that estimator against the exact
 gradient of the expected loss.
 """
+import importlib.metadata as _metadata
+
 from scg.errors import (
     BudgetError as BudgetError,
     IntractableError as IntractableError,
@@ -18,4 +20,4 @@ from scg.lower import Objective as Objective, compile as compile  # noqa: A004 -
 from scg.trace import Model as Model, cost as cost, log_prob as log_prob, model as model, plate as plate, sample as sample
 from scg import baselines as baselines, passes as passes
 
-__version__ = "0.1.0"
+__version__ = _metadata.version("scg")

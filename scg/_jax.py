@@ -1,15 +1,30 @@
-"""Every use of ``jax.extend`` and of jaxpr data lives here.
+"""Every use of ``jax.extend``, and every table keyed by JAX primitive, lives here.
 
-``jax.extend`` promises no stability, so the surface scg touches is kept in this
-one small module: the three scg primitives (made with
-``jax.extend.core.Primitive``, each defined beside its rules, as Oryx does),
-re-binding a jaxpr equation in the textbook interpreter, finding the sub-jaxprs
-of a higher-order primitive, and reading the user's source line of an equation.
+``jax.extend`` promises no stability, and primitive names change between JAX
+releases (``checkpoint`` became ``remat2``, ``xla_call`` became ``pjit``), so
+the surface scg touches is kept in this one small module: the three scg
+primitives (made with ``jax.extend.core.Primitive``, each defined beside its
+rules, as Oryx does), re-binding a jaxpr equation in the textbook interpreter,
+finding the sub-jaxprs of a higher-order primitive, reading the user's source
+line of an equation, and the rule tables the reader and the passes consult.
+
+Every table lookup has an **explicit default** (NumPyro's ``ops/provenance.py``
+shape), chosen so that an unknown or renamed primitive is handled soundly:
+
+* reading a jaxpr: an equation whose sub-jaxprs hold no scg primitive is one
+  opaque deterministic node whose outputs depend on all its inputs (a sound
+  over-approximation of its data flow); only the call primitives in
+  :data:`INLINE_CALLS` are read into the graph;
+* derivatives (``reparameterize``): a primitive is differentiable when all its
+  outputs are floating, unless it is listed in :data:`ZERO_DERIVATIVE`; the
+  check looks into every sub-jaxpr it finds;
+* linearity (``integrate_kl``): a primitive not in :data:`LINEARITY` is
+  nonlinear, so the pass refuses rather than guesses.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.extend as jex
@@ -108,3 +123,106 @@ def equation_source(eqn: Any) -> str | None:
     except AttributeError:
         return None
     return user_source_of_frames(frames)
+
+
+def is_scg_primitive(primitive: Any) -> bool:
+    return any(primitive is p for p in SCG_PRIMITIVES)
+
+
+def scg_primitive_inside(params: dict) -> str | None:
+    """The name of an scg primitive anywhere in the sub-jaxprs of an equation's params, else None."""
+    stack = list(sub_jaxprs(params))
+    while stack:
+        jaxpr = stack.pop()
+        for eqn in jaxpr.eqns:
+            if is_scg_primitive(eqn.primitive):
+                return eqn.primitive.name
+            stack.extend(sub_jaxprs(eqn.params))
+    return None
+
+
+# --- reading a jaxpr: which equations are inlined ------------------------------------------------
+# Call primitives change nothing about the math: their body is read into the graph, so sites and
+# costs inside a jax.jit-decorated helper are seen. Default: any other equation is one opaque
+# deterministic node (its sub-jaxprs, if any, must hold no scg primitive).
+INLINE_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
+
+
+def inline_body(eqn: Any) -> tuple[Jaxpr, list] | None:
+    """``(jaxpr, consts)`` of a call equation whose body is to be inlined, else None."""
+    if eqn.primitive.name not in INLINE_CALLS or "jaxpr" not in eqn.params:
+        return None
+    sub = eqn.params["jaxpr"]
+    if isinstance(sub, ClosedJaxpr):
+        return sub.jaxpr, list(sub.consts)
+    return sub, []
+
+
+# --- derivatives: primitives whose derivative is zero or undefined almost everywhere ------------
+# Default: differentiable when every output is floating (an integer or boolean output has no
+# useful derivative whatever the primitive is called).
+ZERO_DERIVATIVE = frozenset({
+    "lt", "le", "gt", "ge", "eq", "ne", "sign", "floor", "ceil", "round", "stop_gradient", "is_finite",
+    "argmax", "argmin", "nextafter", "and", "or", "not", "xor", "population_count", "shift_left",
+    "shift_right_logical", "shift_right_arithmetic", "rng_bit_generator", "random_bits",
+})
+# Primitives carrying the user's own derivative rule: trusted, their bodies are not searched.
+TRUSTED_DERIVATIVE = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
+def has_zero_derivative(primitive_name: str, out_dtypes: Iterable, allow: frozenset = frozenset()) -> bool:
+    """Whether the primitive's derivative is useless (zero or undefined almost everywhere)."""
+    if primitive_name in allow or primitive_name in TRUSTED_DERIVATIVE:
+        return False
+    if primitive_name in ZERO_DERIVATIVE:
+        return True
+    return any(not np.issubdtype(np.dtype(d), np.inexact) for d in out_dtypes if not str(d).startswith("key"))
+
+
+def zero_derivative_inside(params: dict, allow: frozenset = frozenset()) -> str | None:
+    """The first listed zero-derivative primitive inside the sub-jaxprs of ``params``, else None.
+
+    Inside bodies only :data:`ZERO_DERIVATIVE` counts: loop counters and branch indices are
+    integers by design and carry no value of the site.
+    """
+    stack = list(sub_jaxprs(params))
+    while stack:
+        jaxpr = stack.pop()
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name in TRUSTED_DERIVATIVE or name in allow:
+                continue
+            if name in ZERO_DERIVATIVE:
+                return name
+            stack.extend(sub_jaxprs(eqn.params))
+    return None
+
+
+# --- linearity (integrate_kl: may an expectation move inside?) ----------------------------------
+# "linear": the output is a linear map of each operand (sums, differences, reshapes, casts);
+# "scaling": bilinear (a product: linear in the term when the other factor does not depend on z);
+# "divide": linear in the numerator. Default: "nonlinear".
+LINEARITY = {
+    **dict.fromkeys(("neg", "reduce_sum", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose",
+                     "copy", "copy_p", "convert_element_type", "add", "sub", "add_any"), "linear"),
+    **dict.fromkeys(("mul", "dot_general"), "scaling"),
+    "div": "divide",
+}
+# Primitives that only cast or repeat a value (a log density behind them is still that density).
+SHAPE_ONLY = frozenset({"convert_element_type", "broadcast_in_dim", "reshape"})
+
+
+def linearity(primitive_name: str) -> str:
+    return LINEARITY.get(primitive_name, "nonlinear")
+
+
+# --- printing: equation params that are JAX plumbing, not math -----------------------------------
+HIDDEN_PARAMS = frozenset({
+    "sharding", "out_sharding", "accuracy", "precision", "preferred_element_type", "in_shardings",
+    "out_shardings", "in_layouts", "out_layouts", "donated_invars", "ctx_mesh", "keep_unused", "inline",
+    "compiler_options_kvs", "symbolic_zeros", "jvp_jaxpr_fun", "jvp_jaxpr_thunk", "num_consts",
+    "fwd_jaxpr_thunk", "bwd", "out_trees"})
+
+
+def is_jaxpr(value: Any) -> bool:
+    return isinstance(value, (Jaxpr, ClosedJaxpr))

@@ -2,7 +2,7 @@
 trains a sigmoid belief net on binarized MNIST with NVIL's baseline.
 
 Subcommands are registered in :data:`COMMANDS` (name -> (add_arguments, run)), so
-others (``scg sbn``) plug in beside ``aevb`` and reuse :func:`scg.train.fit`.
+others (``scg sbn``) plug in beside ``aevb`` and reuse :func:`scg.training.fit`.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _run_aevb(args: argparse.Namespace) -> int:
     import optax
 
     import scg
-    from scg.data import load_mnist
+    from scg.datasets import load_mnist
     from scg.models import aevb
 
     out = pathlib.Path(args.out)
@@ -151,7 +151,7 @@ def _run_sbn(args: argparse.Namespace) -> int:
     import optax
 
     import scg
-    from scg.data import load_binarized_mnist
+    from scg.datasets import load_binarized_mnist
     from scg.models import sbn
 
     if args.baseline == "leave_one_out" and args.num_samples < 2:
@@ -198,27 +198,28 @@ def _run_sbn(args: argparse.Namespace) -> int:
 
 def _train_and_report(args, model_module, objective, eval_objective, optimizer, params, train_x, test_x, config, *,
                       keys, curve_title: str, samples_title: str, iwae_batch_size) -> int:
-    """Trains with :func:`scg.train.fit`, plots after every epoch, and writes the final bounds.
+    """Trains with :func:`scg.training.fit`, plots after every epoch, and writes the final bounds.
 
     ``model_module`` provides ``reconstruct``, ``sample_prior`` and ``iwae_log_likelihood``.
     """
     import jax
     import numpy as np
 
-    from scg import plots, train
-    from scg.checkpoint import atomic_write
+    from scg import training
+    from scg.training import plots
+    from scg.training.checkpoint import atomic_write
 
     run_key, final_key, plot_key = keys
     out = pathlib.Path(args.out)
 
     def evaluate(params, key):
-        return {"test_neg_elbo": train.evaluate_loss(eval_objective, params, test_x, key=key,
+        return {"test_neg_elbo": training.evaluate_loss(eval_objective, params, test_x, key=key,
                                                      batch_size=args.eval_batch_size)}
 
     shown = np.asarray(test_x[:50])
     prior_key = jax.random.fold_in(plot_key, 0)
 
-    def write_plots(state: train.TrainState) -> None:
+    def write_plots(state: training.TrainState) -> None:
         if state.metrics:
             plots.plot_curve(state.metrics, out / "curve.png", title=curve_title)
         plots.plot_reconstructions(shown, np.asarray(model_module.reconstruct(state.params, shown)),
@@ -226,8 +227,8 @@ def _train_and_report(args, model_module, objective, eval_objective, optimizer, 
         plots.plot_image_grid(np.asarray(model_module.sample_prior(state.params, prior_key, 100)),
                               out / "samples.png", title=f"{samples_title}, epoch {state.epoch}")
 
-    state = train.fit(
-        objective, optimizer, params, train.EpochBatches(train_x, args.batch_size, seed=args.seed),
+    state = training.fit(
+        objective, optimizer, params, training.EpochBatches(train_x, args.batch_size, seed=args.seed),
         epochs=args.epochs, key=run_key, num_samples=args.num_samples,
         steps_per_dispatch=args.steps_per_dispatch, evaluate=evaluate, on_epoch_end=write_plots, out_dir=out,
         resume=args.resume, config=config, train_metric="train_neg_elbo", progress=not args.no_progress,
@@ -281,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from scg.errors import ScgError  # CheckpointError, DataError, NonFiniteLossError, ...
+    from scg import ScgError  # CheckpointError, DataError, NonFiniteLossError, ...
 
     try:
         return COMMANDS[args.command][2](args)

@@ -41,7 +41,8 @@ from jax import lax
 from scg import integrate
 from scg.errors import ModelError
 from scg.interpreter import initial_env, read, walk
-from scg.ir import Graph, Plate, Site
+from scg.ir import Graph, Site
+from scg.plates import align, per_example
 
 
 def magic_box(x: jax.Array) -> jax.Array:
@@ -52,32 +53,6 @@ def magic_box(x: jax.Array) -> jax.Array:
 def site_key(key: jax.Array, key_name: str) -> jax.Array:
     """The site's key: the objective's key folded with a stable hash of the site name."""
     return jax.random.fold_in(key, zlib.crc32(key_name.encode()) & 0x7FFFFFFF)
-
-
-def per_example(x: jax.Array, plates: tuple) -> jax.Array:
-    """Sums ``x`` over every dimension that is not a plate dimension (plates lead)."""
-    k = len(plates)
-    x = jnp.asarray(x)
-    return jnp.sum(x, axis=tuple(range(k, x.ndim))) if x.ndim > k else x
-
-
-def align(x: jax.Array, source: tuple, target: tuple) -> jax.Array:
-    """Moves per-example terms from ``source`` plates to ``target`` plates.
-
-    Sums over plates the target is outside of; broadcasts (size-1 axes) over
-    plates only the target is inside of.
-    """
-    source = sorted(source, key=lambda p: p.dim)
-    target = sorted(target, key=lambda p: p.dim)
-    target_names = [p.name for p in target]
-    drop = tuple(i for i, p in enumerate(source) if p.name not in target_names)
-    x = jnp.sum(x, axis=drop) if drop else x
-    kept = [p.name for p in source if p.name in target_names]
-    x = jnp.transpose(x, [kept.index(n) for n in target_names if n in kept]) if kept else x
-    for pos, name in enumerate(target_names):
-        if name not in kept:
-            x = jnp.expand_dims(x, pos)
-    return x
 
 
 class ParticleEstimate(NamedTuple):

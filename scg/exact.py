@@ -17,41 +17,15 @@ import numpy as np
 from jax.scipy.special import ndtri
 
 from scg import integrate
-from scg.estimators import per_example
-from scg.interpreter import initial_env, read, walk
+from scg.integrate import graph_expectation
 from scg.ir import Graph
+from scg.lower import Objective, compile as compile_objective
 
 
 def _graph_of(model_or_graph: Any, params: Any, args: tuple) -> Graph:
     if isinstance(model_or_graph, Graph):
         return model_or_graph
     return model_or_graph.trace(params, *args)
-
-
-def graph_expectation(graph: Graph, param_leaves: list, input_leaves: list, *,
-                      order: int = integrate.DEFAULT_ORDER, budget: int = integrate.DEFAULT_BUDGET) -> jax.Array:
-    """``E[Σ costs]`` of a Graph on flattened parameters and inputs."""
-    integrate.check_budget(graph, list(graph.sites), order, budget, "scg.expectation", per_example=True)
-    env = initial_env(graph, param_leaves, input_leaves)
-    n_parallel = {s.name: integrate.parallel_plates(graph, s) for s in graph.sites}
-
-    def on_site(site, distribution, env, continue_with):
-        if n_parallel[site.name]:
-            return integrate.integrate_site_per_example(site, distribution, continue_with, order,
-                                                        n_parallel[site.name])
-        return integrate.integrate_site(site, distribution, continue_with, order)
-
-    def on_end(env):
-        # per-example cost sums, grouped by the plates the costs sit in
-        groups: dict = {}
-        for c in graph.costs:
-            plates = tuple(sorted(c.plates, key=lambda p: p.dim))
-            term = per_example(read(env, c.input), plates)
-            groups[plates] = groups[plates] + term if plates in groups else term
-        return groups
-
-    groups = walk(graph, env, on_site=on_site, on_end=on_end)
-    return sum((jnp.sum(v) for v in groups.values()), jnp.zeros(()))
 
 
 def expectation(model_or_graph: Any, params: Any, *args: Any, order: int = integrate.DEFAULT_ORDER,
@@ -121,10 +95,7 @@ def check_grad(model: Any, params: Any, *args: Any, key: jax.Array, num_samples:
     with ``particles`` particles per estimate; the truth is
     ``jax.grad(scg.expectation)`` of the *original* model.
     """
-    from scg.lower import compile as compile_objective  # lower depends on this module's siblings
-
-    objective = model if hasattr(model, "grad") and hasattr(model, "graph_for") else compile_objective(
-        model, passes=passes, baseline=baseline)
+    objective = model if isinstance(model, Objective) else compile_objective(model, passes=passes, baseline=baseline)
     source = objective.source
     exact_grad = jax.grad(lambda p: expectation(source, p, *args, order=order, budget=budget))(params)
 

@@ -33,7 +33,9 @@ import numpy as np
 import numpyro.distributions as dist
 
 from scg.errors import BudgetError, IntractableError
+from scg.interpreter import initial_env, read, walk
 from scg.ir import Graph, Site, Var
+from scg.plates import align, per_example
 
 DEFAULT_ORDER = 16
 DEFAULT_BUDGET = 2**20
@@ -184,8 +186,6 @@ def integrate_site_per_example(site: Site, distribution: Any, continue_with: Cal
     site's plates are combined with per-example weights; the others do not
     depend on the site (see :func:`parallel_plates`) and are taken from any point.
     """
-    from scg.estimators import align  # plate alignment is shared with the estimator
-
     points, log_w = _points_or_refuse(site, distribution, order, n_parallel)
     weights = jnp.exp(log_w)
     results = jax.vmap(continue_with)(points)
@@ -199,3 +199,28 @@ def integrate_site_per_example(site: Site, distribution: Any, continue_with: Cal
         else:
             out[plates] = values[0]
     return out
+
+
+def graph_expectation(graph: Graph, param_leaves: list, input_leaves: list, *,
+                      order: int = DEFAULT_ORDER, budget: int = DEFAULT_BUDGET) -> jax.Array:
+    """``E[Σ costs]`` of a Graph on flattened parameters and inputs."""
+    check_budget(graph, list(graph.sites), order, budget, "scg.expectation", per_example=True)
+    env = initial_env(graph, param_leaves, input_leaves)
+    n_parallel = {s.name: parallel_plates(graph, s) for s in graph.sites}
+
+    def on_site(site, distribution, env, continue_with):
+        if n_parallel[site.name]:
+            return integrate_site_per_example(site, distribution, continue_with, order, n_parallel[site.name])
+        return integrate_site(site, distribution, continue_with, order)
+
+    def on_end(env):
+        # per-example cost sums, grouped by the plates the costs sit in
+        groups: dict = {}
+        for c in graph.costs:
+            plates = tuple(sorted(c.plates, key=lambda p: p.dim))
+            term = per_example(read(env, c.input), plates)
+            groups[plates] = groups[plates] + term if plates in groups else term
+        return groups
+
+    groups = walk(graph, env, on_site=on_site, on_end=on_end)
+    return sum((jnp.sum(v) for v in groups.values()), jnp.zeros(()))

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import jax
 import numpy as np
@@ -199,9 +199,18 @@ class Graph:
     nodes: tuple
 
     def replace(self, **changes) -> "Graph":
+        """A new graph with ``changes``, validated (the structural preconditions hold)."""
         new = dataclasses.replace(self, **changes)
         new.validate()
         return new
+
+    def with_nodes(self, nodes: Iterable[Node], consts: Iterable | None = None) -> "Graph":
+        """A new graph with other nodes (and constants), *not* validated.
+
+        Passes use it for the intermediate graphs they query while rewriting;
+        the graph a pass returns goes through :meth:`replace`, which validates.
+        """
+        return dataclasses.replace(self, nodes=tuple(nodes), consts=self.consts if consts is None else tuple(consts))
 
     # --- lookups -------------------------------------------------------------------------------
     @functools.cached_property
@@ -363,16 +372,10 @@ def _type_str(shape, dtype) -> str:
     return f"{short.get(name, name)}[{','.join(str(d) for d in shape)}]"
 
 
-_HIDDEN_PARAMS = {"sharding", "out_sharding", "accuracy", "precision", "preferred_element_type",
-                  "in_shardings", "out_shardings", "in_layouts", "out_layouts", "donated_invars",
-                  "ctx_mesh", "keep_unused", "inline", "compiler_options_kvs", "symbolic_zeros",
-                  "jvp_jaxpr_fun", "jvp_jaxpr_thunk", "num_consts", "fwd_jaxpr_thunk", "bwd", "out_trees"}
-
-
 def _param_str(key: str, value: Any) -> str | None:
-    if key in _HIDDEN_PARAMS or value is None:
+    if key in _jax.HIDDEN_PARAMS or value is None:
         return None
-    if isinstance(value, (_jax.Jaxpr, _jax.ClosedJaxpr)):
+    if _jax.is_jaxpr(value):
         return f"{key}={{...}}"
     if callable(value) and not isinstance(value, type):
         return None
@@ -467,6 +470,12 @@ def substitute(nodes: Iterable[Node], mapping: dict) -> list:
         else:
             out.append(n.replace(input=sub(n.input)))
     return out
+
+
+def splice(nodes: Sequence[Node], index: int, new_nodes: Iterable[Node], mapping: dict) -> list:
+    """``nodes`` with ``nodes[index]`` replaced by ``new_nodes``, and every later read of a Var in
+    ``mapping`` redirected to its image (the rewritten node's outputs to the new nodes' outputs)."""
+    return [*nodes[:index], *new_nodes, *substitute(nodes[index + 1:], mapping)]
 
 
 def eliminate_dead_code(graph: Graph) -> Graph:

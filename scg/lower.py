@@ -14,6 +14,7 @@ import jax
 from scg import baselines, estimators, integrate
 from scg.errors import ModelError
 from scg.ir import Graph
+from scg.passes import resolve_passes
 from scg.trace import Model
 
 
@@ -42,8 +43,6 @@ class Objective:
 
     def __init__(self, source: Model | Graph, passes: Any = "auto", baseline: Any = None,
                  order: int = integrate.DEFAULT_ORDER, objective: str = "elbo"):
-        from scg.passes import resolve_passes
-
         if not isinstance(source, (Model, Graph)):
             raise TypeError(f"scg.compile expects a function decorated with @scg.model or an scg.Graph, "
                             f"got {type(source).__name__}")

@@ -23,7 +23,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from scg import _jax
-from scg.errors import ModelError, UnsupportedPrimitiveError
+from scg.errors import ModelError
 from scg.ir import Cost, DistSpec, Equation, Graph, Literal, LogProb, Plate, Site, Var, eliminate_dead_code
 
 # --- the trace context ---------------------------------------------------------------------------
@@ -358,24 +358,7 @@ def model(fn: Callable) -> Model:
 
 # --- jaxpr -> IR -----------------------------------------------------------------------------------
 
-# call-like primitives whose body is inlined: they change nothing about the math
-_INLINE = {"jit", "pjit", "closed_call", "core_call"}
-# higher-order primitives kept as one opaque deterministic node (their bodies must hold no scg primitive)
-_OPAQUE = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "scan", "while", "cond",
-           "checkpoint", "remat", "custom_lin"}
-_SCG_NAMES = {p.name: p for p in _jax.SCG_PRIMITIVES}
 _SCG_API = {"scg_sample": "scg.sample", "scg_cost": "scg.cost", "scg_log_prob": "scg.log_prob"}
-
-
-def _find_scg_primitive(jaxpr) -> str | None:
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in _SCG_NAMES:
-            return eqn.primitive.name
-        for sub in _jax.sub_jaxprs(eqn.params):
-            found = _find_scg_primitive(sub)
-            if found:
-                return found
-    return None
 
 
 class _JaxprReader:
@@ -406,10 +389,10 @@ class _JaxprReader:
         for eqn in eqns:
             prim = eqn.primitive
             inputs = [self.read(a) for a in eqn.invars]
-            if prim.name in _INLINE and "jaxpr" in eqn.params:
-                sub = eqn.params["jaxpr"]
-                sub_jaxpr = sub.jaxpr if isinstance(sub, _jax.ClosedJaxpr) else sub
-                self.bind_consts(sub_jaxpr.constvars, sub.consts if isinstance(sub, _jax.ClosedJaxpr) else [])
+            body = _jax.inline_body(eqn)
+            if body is not None:
+                sub_jaxpr, sub_consts = body
+                self.bind_consts(sub_jaxpr.constvars, sub_consts)
                 for v, a in zip(sub_jaxpr.invars, inputs):
                     self.env[v] = a
                 self.emit(sub_jaxpr.eqns)
@@ -440,24 +423,14 @@ class _JaxprReader:
                                            _jax.equation_source(eqn)))
 
     def _check_higher_order(self, eqn) -> None:
-        subs = list(_jax.sub_jaxprs(eqn.params))
-        if not subs:
-            return
-        prim, source = eqn.primitive, _jax.equation_source(eqn)
-        inner = next((f for f in map(_find_scg_primitive, subs) if f), None)
+        """Refuses an scg primitive inside a higher-order equation; any other one is an opaque node."""
+        inner = _jax.scg_primitive_inside(eqn.params)
         if inner:
             raise ModelError(
-                f"model {self.model_name!r}: {_SCG_API[inner]} is called inside `{prim.name}` "
-                f"(e.g. jax.lax.{prim.name} or a custom derivative rule); scg cannot see sites or "
+                f"model {self.model_name!r}: {_SCG_API[inner]} is called inside `{eqn.primitive.name}` "
+                f"(e.g. jax.lax.{eqn.primitive.name} or a custom derivative rule); scg cannot see sites or "
                 "costs inside control flow. Unroll the loop in Python or vectorize the sites "
-                "(one site with a batch dimension).", source=source)
-        if prim.name not in _OPAQUE:
-            raise UnsupportedPrimitiveError(
-                f"model {self.model_name!r}: the higher-order primitive {prim.name!r} is unknown to scg's "
-                f"dependency walk, which refuses rather than guesses its data flow. Known ones: "
-                f"{', '.join(sorted(_INLINE | _OPAQUE))}. Rewrite this part without it, or "
-                "compute it outside the model and pass the result as data.",
-                primitive=prim.name, source=source)
+                "(one site with a batch dimension).", source=_jax.equation_source(eqn))
 
 
 def graph_from_jaxpr(name, closed, n_params, params_treedef, param_names, inputs_treedef, input_names) -> Graph:

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import scg
-from scg import cli, train
+from scg import cli, training
 from scg.ir import LogProb
 from scg.models import aevb
 
@@ -105,9 +105,9 @@ def test_costs_and_iwae_agree_with_a_direct_computation():
     mu, sigma = aevb.encode(params, x)
     assert mu.shape == (7, 4) and np.all(np.asarray(sigma) > 0)
     # the sampled KL (naive graph) and the analytic one (auto) have the same expectation
-    auto_loss = train.evaluate_loss(scg.compile(aevb.aevb), params, x, key=jax.random.key(0), num_samples=200)
+    auto_loss = training.evaluate_loss(scg.compile(aevb.aevb), params, x, key=jax.random.key(0), num_samples=200)
     naive = scg.compile(aevb.aevb, passes="none")
-    naive_loss = train.evaluate_loss(naive, params, x, key=jax.random.key(1), num_samples=2000)
+    naive_loss = training.evaluate_loss(naive, params, x, key=jax.random.key(1), num_samples=2000)
     assert naive_loss == pytest.approx(auto_loss, rel=2e-3)
 
     k = 5
@@ -135,10 +135,10 @@ def test_one_epoch_of_a_small_aevb_lowers_the_loss():
     params = aevb.init_params(jax.random.key(0), x_dim=784, **SMALL)
     images = synthetic_images(400)
     objective = scg.compile(aevb.aevb)
-    before = train.evaluate_loss(objective, params, images, key=jax.random.key(5), batch_size=100)
-    state = train.fit(objective, optax.adam(3e-3), params, train.EpochBatches(images, 20, seed=0), epochs=1,
+    before = training.evaluate_loss(objective, params, images, key=jax.random.key(5), batch_size=100)
+    state = training.fit(objective, optax.adam(3e-3), params, training.EpochBatches(images, 20, seed=0), epochs=1,
                       key=jax.random.key(1), progress=False, log=None, train_metric="train_neg_elbo")
-    after = train.evaluate_loss(objective, state.params, images, key=jax.random.key(5), batch_size=100)
+    after = training.evaluate_loss(objective, state.params, images, key=jax.random.key(5), batch_size=100)
     assert state.step == 20 and np.isfinite(state.metrics[0]["train_neg_elbo"])
     assert after < before - 50, (before, after)
 
@@ -154,7 +154,7 @@ def cli_args(data_dir, out, *extra):
 
 
 def checkpoint_params(out):
-    return train.load_state(out / train.CHECKPOINT_NAME, train.init_state(
+    return training.load_state(out / training.CHECKPOINT_NAME, training.init_state(
         aevb.init_params(jax.random.key(0), x_dim=784, **SMALL), optax.adam(1e-3), jax.random.key(0))).params
 
 
@@ -188,14 +188,14 @@ def test_command_trains_writes_outputs_and_resumes_bit_for_bit(tmp_path, capsys,
     assert [r["test_neg_elbo"] for r in resumed] == [r["test_neg_elbo"] for r in records]
 
     # another architecture or setting: refused with the reason, the checkpoint untouched
-    saved = (split / train.CHECKPOINT_NAME).read_bytes()
+    saved = (split / training.CHECKPOINT_NAME).read_bytes()
     assert cli.main(cli_args(data, split, "--epochs", "3", "--latent", "5", "--resume")) == 1
     assert "does not match the template" in capsys.readouterr().err
     assert cli.main(cli_args(data, split, "--epochs", "3", "--seed", "1", "--resume")) == 1
     assert "seed: checkpoint 0 vs now 1" in capsys.readouterr().err
-    assert (split / train.CHECKPOINT_NAME).read_bytes() == saved
+    assert (split / training.CHECKPOINT_NAME).read_bytes() == saved
     # a corrupted checkpoint: a clear error, no traceback
-    (split / train.CHECKPOINT_NAME).write_bytes(saved[:1000])
+    (split / training.CHECKPOINT_NAME).write_bytes(saved[:1000])
     assert cli.main(cli_args(data, split, "--epochs", "3", "--resume")) == 1
     assert "is corrupted or truncated" in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""Tests of scg.checkpoint: bit-exact round trips, template checks, corruption, atomicity."""
+"""Tests of scg.training.checkpoint: bit-exact round trips, template checks, corruption, atomicity."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from scg.checkpoint import FORMAT_VERSION, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from scg.training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 
 
 def make_tree(seed: int = 0) -> dict:
@@ -169,7 +169,7 @@ def test_npz_that_is_not_a_checkpoint(tmp_path):
 
 def test_newer_format_version_is_refused(tmp_path):
     path = tmp_path / "future.npz"
-    header = {"format": "scg.checkpoint", "version": FORMAT_VERSION + 1, "tree": {"t": "none"}}
+    header = {"format": "scg.training.checkpoint", "version": FORMAT_VERSION + 1, "tree": {"t": "none"}}
     with open(path, "wb") as f:
         np.savez(f, __scg_checkpoint__=np.frombuffer(json.dumps(header).encode(), np.uint8))
     with pytest.raises(CheckpointError, match=rf"format version {FORMAT_VERSION + 1}.*Upgrade scg"):

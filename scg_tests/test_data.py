@@ -1,4 +1,4 @@
-"""Tests of scg.data: the IDX reader, MNIST location/download/verification, binarized
+"""Tests of scg.datasets: the IDX reader, MNIST location/download/verification, binarized
 MNIST, and minibatching. Downloads are served by a local http.server on 127.0.0.1;
 any other network access fails the test."""
 
@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from scg.data import DataError, MNIST, batches, data_dir_from, load_binarized_mnist, load_mnist, read_idx
-from scg.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
-from scg.data.mnist import MNIST_FILES, cache_dir_from, mirrors_from
+from scg.datasets import DataError, MNIST, batches, data_dir_from, load_binarized_mnist, load_mnist, read_idx
+from scg.datasets.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
+from scg.datasets.mnist import MNIST_FILES, cache_dir_from, mirrors_from
 
 # Read at import, before the isolation fixture clears it for every test.
 _REAL_DATA_DIR = os.environ.get("SCG_DATA_DIR", "")

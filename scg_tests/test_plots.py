@@ -1,4 +1,4 @@
-"""Tests of scg.plots: every plot writes a non-empty PNG atomically; bad input is refused."""
+"""Tests of scg.training.plots: every plot writes a non-empty PNG atomically; bad input is refused."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from scg.plots import plot_curve, plot_image_grid, plot_reconstructions
+from scg.training.plots import plot_curve, plot_image_grid, plot_reconstructions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

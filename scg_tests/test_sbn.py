@@ -1,4 +1,4 @@
-"""Tests of scg.models.sbn, stateful baselines in scg.train, and the `scg sbn` command.
+"""Tests of scg.models.sbn, stateful baselines in scg.training, and the `scg sbn` command.
 
 Small shapes throughout (a 6-pixel, 3-unit SBN for exact answers; a few hundred
 synthetic binary images for the command), so the file runs in well under a minute.
@@ -21,8 +21,8 @@ import optax
 import pytest
 
 import scg
-from scg import cli, train
-from scg.checkpoint import CheckpointError
+from scg import cli, training
+from scg.training.checkpoint import CheckpointError
 from scg.ir import LogProb
 from scg.models import sbn
 
@@ -175,7 +175,7 @@ def nvil_objective():
 
 def run_fit(objective, out_dir, *, epochs, resume=False, steps_per_dispatch=1, **kwargs):
     data = np.asarray(tiny_batch(7, n=24))
-    return train.fit(objective, optax.adam(0.02), tiny_params(), train.EpochBatches(data, BATCH, seed=1),
+    return training.fit(objective, optax.adam(0.02), tiny_params(), training.EpochBatches(data, BATCH, seed=1),
                      epochs=epochs, key=jax.random.key(3), out_dir=out_dir, resume=resume, progress=False, log=None,
                      config={"model": "tiny sbn"}, steps_per_dispatch=steps_per_dispatch, **kwargs)
 
@@ -196,16 +196,16 @@ def test_baseline_state_is_carried_checkpointed_and_resumed_bit_for_bit(nvil_obj
     assert strip(resumed.metrics) == strip(straight.metrics)
 
     # the checkpoint holds the baseline state, bit for bit, with optax's own state classes
-    template = train.init_state(tiny_params(), optax.adam(0.02), jax.random.key(3), baseline_state=initial)
-    loaded = train.load_state(tmp_path / "split" / train.CHECKPOINT_NAME, template)
+    template = training.init_state(tiny_params(), optax.adam(0.02), jax.random.key(3), baseline_state=initial)
+    loaded = training.load_state(tmp_path / "split" / training.CHECKPOINT_NAME, template)
     assert_trees_equal(loaded.baseline_state, straight.baseline_state)
     assert type(loaded.baseline_state["opt_state"][0]) is type(initial["opt_state"][0])
     # a stateless template refuses a stateful checkpoint, and the other way round
     with pytest.raises(CheckpointError, match=r"has keys \['baseline_state'\] that it lacks"):
-        train.load_state(tmp_path / "split" / train.CHECKPOINT_NAME, template._replace(baseline_state=None))
-    train.save_state(tmp_path / "stateless.npz", template._replace(baseline_state=None))
+        training.load_state(tmp_path / "split" / training.CHECKPOINT_NAME, template._replace(baseline_state=None))
+    training.save_state(tmp_path / "stateless.npz", template._replace(baseline_state=None))
     with pytest.raises(CheckpointError, match=r"lacks keys \['baseline_state'\]"):
-        train.load_state(tmp_path / "stateless.npz", template)
+        training.load_state(tmp_path / "stateless.npz", template)
 
 
 def test_moving_average_state_round_trips_and_multi_step_matches(tmp_path):
@@ -213,8 +213,8 @@ def test_moving_average_state_round_trips_and_multi_step_matches(tmp_path):
     single = run_fit(objective, tmp_path, epochs=2)
     assert float(single.baseline_state["h"]) > 0  # the running mean of the downstream costs
     path = tmp_path / "state.npz"
-    train.save_state(path, single, {"a": 1})
-    loaded = train.load_state(path, train.init_state(tiny_params(), optax.adam(0.02), jax.random.key(0),
+    training.save_state(path, single, {"a": 1})
+    loaded = training.load_state(path, training.init_state(tiny_params(), optax.adam(0.02), jax.random.key(0),
                                                      baseline_state={"h": jnp.zeros(())}), {"a": 1})
     assert_trees_equal(loaded.baseline_state, single.baseline_state)
     assert_trees_equal(loaded.params, single.params)
@@ -231,7 +231,7 @@ def test_fit_and_make_step_refuse_mismatched_baseline_state(tmp_path):
     # a given state is the starting point
     state = run_fit(objective, None, epochs=1, baseline_state={"h": jnp.array(100.0)})
     assert float(state.baseline_state["h"]) > 10
-    step = train.make_step(objective, optax.sgd(0.1))
+    step = training.make_step(objective, optax.sgd(0.1))
     params = tiny_params()
     opt_state = optax.sgd(0.1).init(params)
     out = step(params, opt_state, {"h": jnp.zeros(())}, jax.random.key(0), jnp.int32(0), tiny_batch())
@@ -261,9 +261,9 @@ def sbn_args(data_dir, out, *extra):
 
 
 def checkpoint_state(out, baseline_state):
-    template = train.init_state(sbn.init_params(jax.random.key(0), hidden=8), optax.adam(1e-3), jax.random.key(0),
+    template = training.init_state(sbn.init_params(jax.random.key(0), hidden=8), optax.adam(1e-3), jax.random.key(0),
                                 baseline_state=baseline_state)
-    return train.load_state(out / train.CHECKPOINT_NAME, template)
+    return training.load_state(out / training.CHECKPOINT_NAME, template)
 
 
 def test_command_trains_writes_outputs_and_resumes_bit_for_bit(tmp_path, capsys, monkeypatch):
@@ -297,10 +297,10 @@ def test_command_trains_writes_outputs_and_resumes_bit_for_bit(tmp_path, capsys,
     assert [r["test_neg_elbo"] for r in resumed] == [r["test_neg_elbo"] for r in records]
 
     # another baseline: refused with the reason, the checkpoint untouched
-    saved = (split / train.CHECKPOINT_NAME).read_bytes()
+    saved = (split / training.CHECKPOINT_NAME).read_bytes()
     assert cli.main(sbn_args(data, split, "--epochs", "3", "--baseline", "moving_average", "--resume")) == 1
     assert "does not match the template" in capsys.readouterr().err
-    assert (split / train.CHECKPOINT_NAME).read_bytes() == saved
+    assert (split / training.CHECKPOINT_NAME).read_bytes() == saved
 
 
 @pytest.mark.parametrize("extra", [("--baseline", "moving_average"), ("--baseline", "leave_one_out",

@@ -1,4 +1,4 @@
-"""Tests of scg.train: the generic loop on a toy model (fast compiles): bit-for-bit resume,
+"""Tests of scg.training: the generic loop on a toy model (fast compiles): bit-for-bit resume,
 checkpoint round trips and refusals, the NaN guard, multi-step dispatch."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import optax
 import pytest
 
 import scg
-from scg import train
-from scg.checkpoint import CheckpointError
+from scg import training
+from scg.training.checkpoint import CheckpointError
 
 
 @scg.model
@@ -42,7 +42,7 @@ def objective():
 
 def run(objective, out_dir, *, epochs, resume=False, data=None, lr=0.05, **kwargs):
     data = toy_data() if data is None else data
-    return train.fit(objective, optax.adam(lr), toy_params(), train.EpochBatches(data, 8, seed=3),
+    return training.fit(objective, optax.adam(lr), toy_params(), training.EpochBatches(data, 8, seed=3),
                      epochs=epochs, key=jax.random.key(7), out_dir=out_dir, resume=resume, progress=False,
                      log=None, config={"model": "toy", "lr": lr}, **kwargs)
 
@@ -80,8 +80,8 @@ def test_resume_is_bit_for_bit(objective, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert strip(lines) == strip(straight.metrics)
     # the checkpoint holds the same state
-    loaded = train.load_state(tmp_path / "split" / train.CHECKPOINT_NAME,
-                              train.init_state(toy_params(), optax.adam(0.05), jax.random.key(7)))
+    loaded = training.load_state(tmp_path / "split" / training.CHECKPOINT_NAME,
+                              training.init_state(toy_params(), optax.adam(0.05), jax.random.key(7)))
     assert_trees_equal(loaded.params, straight.params)
     assert loaded.epoch == 2 and loaded.metrics == resumed.metrics
 
@@ -95,29 +95,29 @@ def test_resume_past_the_last_epoch_trains_nothing(objective, tmp_path):
 
 def test_state_round_trip_and_refusals(tmp_path):
     optimizer = optax.adam(1e-3)
-    state = train.init_state(toy_params(), optimizer, jax.random.key(1))
+    state = training.init_state(toy_params(), optimizer, jax.random.key(1))
     state = state._replace(epoch=1, step=5, metrics=({"epoch": 1, "train_loss": 0.5, "seconds": 1.0},))
     path = tmp_path / "ckpt.npz"
-    train.save_state(path, state, {"lr": 1e-3})
-    loaded = train.load_state(path, train.init_state(toy_params(), optimizer, jax.random.key(0)), {"lr": 1e-3})
+    training.save_state(path, state, {"lr": 1e-3})
+    loaded = training.load_state(path, training.init_state(toy_params(), optimizer, jax.random.key(0)), {"lr": 1e-3})
     assert_trees_equal(loaded.params, state.params)
     assert_trees_equal(loaded.opt_state, state.opt_state)
     assert np.array_equal(jax.random.key_data(loaded.key), jax.random.key_data(state.key))
     assert (loaded.epoch, loaded.step, loaded.metrics) == (1, 5, state.metrics)
 
     # another architecture: named leaf
-    other = train.init_state({"mu": jnp.zeros(DIM + 1), "log_s": jnp.zeros(DIM)}, optimizer, jax.random.key(0))
+    other = training.init_state({"mu": jnp.zeros(DIM + 1), "log_s": jnp.zeros(DIM)}, optimizer, jax.random.key(0))
     with pytest.raises(CheckpointError, match=r"does not match the template.*params/mu") as info:
-        train.load_state(path, other)
+        training.load_state(path, other)
     assert info.value.leaf == "params/mu"
     # other settings: named setting
     with pytest.raises(CheckpointError, match=r"other settings \(lr: checkpoint 0.001 vs now 0.01\)"):
-        train.load_state(path, loaded, {"lr": 1e-2})
+        training.load_state(path, loaded, {"lr": 1e-2})
     # corrupted file
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
-        train.load_state(path, loaded)
+        training.load_state(path, loaded)
 
 
 def test_resume_refuses_missing_and_mismatched_checkpoints(objective, tmp_path):
@@ -147,27 +147,27 @@ def test_nan_guard_names_the_step_and_keeps_the_last_checkpoint(objective, tmp_p
     poisoned = [b.copy() for b in clean]
     poisoned[1][3, 0] = np.nan  # the 2nd batch of the 2nd epoch: global step 3 + 2 = 5
     batches = ListBatches([clean, poisoned, clean])
-    fit = lambda epochs, out: train.fit(objective, optax.adam(0.05), toy_params(), batches, epochs=epochs,
+    fit = lambda epochs, out: training.fit(objective, optax.adam(0.05), toy_params(), batches, epochs=epochs,
                                         key=jax.random.key(7), out_dir=out, progress=False, log=None)
     good = fit(1, tmp_path / "good")
-    with pytest.raises(train.NonFiniteLossError, match=r"loss is nan at global step 5 \(epoch 2\)") as info:
+    with pytest.raises(training.NonFiniteLossError, match=r"loss is nan at global step 5 \(epoch 2\)") as info:
         fit(3, tmp_path / "run")
     assert (info.value.step, info.value.epoch) == (5, 2)
-    assert "kept as it was" in str(info.value) and info.value.checkpoint.endswith(train.CHECKPOINT_NAME)
-    kept = train.load_state(tmp_path / "run" / train.CHECKPOINT_NAME,
-                            train.init_state(toy_params(), optax.adam(0.05), jax.random.key(7)))
+    assert "kept as it was" in str(info.value) and info.value.checkpoint.endswith(training.CHECKPOINT_NAME)
+    kept = training.load_state(tmp_path / "run" / training.CHECKPOINT_NAME,
+                            training.init_state(toy_params(), optax.adam(0.05), jax.random.key(7)))
     assert kept.epoch == 1
     assert_trees_equal(kept.params, good.params)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
-    with pytest.raises(train.NonFiniteLossError, match="global step 2 .epoch 1.*No checkpoint had been written"):
-        train.fit(objective, optax.adam(0.05), toy_params(), ListBatches([poisoned]), epochs=1,
+    with pytest.raises(training.NonFiniteLossError, match="global step 2 .epoch 1.*No checkpoint had been written"):
+        training.fit(objective, optax.adam(0.05), toy_params(), ListBatches([poisoned]), epochs=1,
                   key=jax.random.key(7), progress=False, log=None)
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(objective, tmp_path, monkeypatch):
     run(objective, tmp_path, epochs=1)
-    before = (tmp_path / train.CHECKPOINT_NAME).read_bytes()
+    before = (tmp_path / training.CHECKPOINT_NAME).read_bytes()
 
     def broken_savez(file, *args, **kwargs):
         file.write(b"partial")
@@ -177,7 +177,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(objective, tmp_path, mon
     with pytest.raises(OSError, match="disk full"):
         run(objective, tmp_path, epochs=2, resume=True)
     monkeypatch.undo()
-    assert (tmp_path / train.CHECKPOINT_NAME).read_bytes() == before
+    assert (tmp_path / training.CHECKPOINT_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.jsonl"]
     assert run(objective, tmp_path, epochs=2, resume=True).epoch == 2
 
@@ -196,7 +196,7 @@ def test_steps_per_dispatch_matches_single_steps(objective, tmp_path):
 def test_fit_keeps_the_callers_params_and_calls_back(objective):
     params = toy_params()
     seen = []
-    state = train.fit(objective, optax.sgd(0.1), params, train.EpochBatches(toy_data(), 8, seed=0), epochs=2,
+    state = training.fit(objective, optax.sgd(0.1), params, training.EpochBatches(toy_data(), 8, seed=0), epochs=2,
                       key=jax.random.key(0), progress=False, log=seen.append,
                       evaluate=lambda p, key: {"mu0": float(p["mu"][0])},
                       on_epoch_end=lambda s: seen.append(s.epoch))
@@ -208,6 +208,6 @@ def test_fit_keeps_the_callers_params_and_calls_back(objective):
 def test_evaluate_loss_weights_a_partial_batch(objective):
     params = {"mu": jnp.full(DIM, 2.0), "log_s": jnp.full(DIM, -30.0)}  # z is (nearly) deterministic
     data = toy_data(10)
-    mean = train.evaluate_loss(objective, params, data, key=jax.random.key(0), batch_size=4)  # 4 + 4 + 2
+    mean = training.evaluate_loss(objective, params, data, key=jax.random.key(0), batch_size=4)  # 4 + 4 + 2
     expected = np.mean(np.sum(np.square(data - 2.0), axis=-1))
     assert mean == pytest.approx(expected, rel=1e-5)

@@ -14,7 +14,7 @@ from scg.passes.certificate import Certificate as Certificate, Precondition as P
 from scg.passes.enumerate import enumerate as enumerate  # noqa: A004 - the public name
 from scg.passes.integrate_kl import integrate_kl as integrate_kl
 from scg.passes.reparameterize import reparameterize as reparameterize
-from scg.passes.verify import VerifyReport as VerifyReport
+from scg.verify import VerifyReport as VerifyReport
 
 
 def chain(*passes: Callable) -> Callable:

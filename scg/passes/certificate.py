@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import jax
 
+from scg.verify import verify_rewrite
+
 
 @dataclasses.dataclass(frozen=True)
 class Precondition:
@@ -58,8 +60,6 @@ class Certificate:
         otherwise by Monte Carlo, comparing both estimators' means through their
         standard errors. Returns a :class:`scg.passes.VerifyReport`.
         """
-        from scg.passes.verify import verify_rewrite
-
         return verify_rewrite(self, params, *args, key=key, num_samples=num_samples, **options)
 
 

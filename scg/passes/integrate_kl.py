@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import kl_divergence
 
-from scg import kl as _registers_missing_kl_rules  # noqa: F401
-from scg.ir import Cost, Equation, Graph, Literal, LogProb, Site, Var, eliminate_dead_code, substitute
+from scg import _jax
+from scg.passes import _kl as _registers_missing_kl_rules  # noqa: F401
+from scg.ir import Cost, Equation, Graph, Literal, LogProb, Site, Var, eliminate_dead_code, splice
 from scg.passes._common import Checks, candidate_sites
 from scg.passes.certificate import Certificate
 from scg.trace import emit
@@ -41,10 +42,6 @@ from scg.trace import emit
 NAME = "integrate_kl"
 KL_IDENTITY = "E_q[log q(z) − log p(z)] = KL(q‖p)"
 ENTROPY_IDENTITY = "E_q[log q(z)] = −H(q)"
-_LINEAR_UNARY = {"neg", "reduce_sum", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose", "copy",
-                 "copy_p", "convert_element_type"}
-_LINEAR_BINARY = {"add", "sub", "add_any"}
-_SCALING = {"mul", "dot_general"}
 
 
 def _same_atom(a, b) -> bool:
@@ -74,15 +71,16 @@ def _nonlinear_use(graph: Graph, start: Var, z_reach: frozenset) -> str | None:
         name = n.primitive.name
         others = [a for k, a in enumerate(n.inputs) if k not in used]
         downstream_other = any(isinstance(a, Var) and graph.producers.get(a) in z_reach for a in others)
-        if name in _LINEAR_UNARY or name in _LINEAR_BINARY:
+        kind = _jax.linearity(name)
+        if kind == "linear":
             if name == "convert_element_type" and not np.issubdtype(np.dtype(n.outputs[0].dtype), np.floating):
                 return "it is cast to a non-float type"
-        elif name in _SCALING:
+        elif kind == "scaling":
             if len(used) > 1:
                 return f"it is multiplied by itself through `{name}`"
             if downstream_other:
                 return f"it is multiplied through `{name}` by a factor that depends on the site"
-        elif name == "div":
+        elif kind == "divide":
             if used != [0]:
                 return "it is a divisor"
             if downstream_other:
@@ -91,9 +89,6 @@ def _nonlinear_use(graph: Graph, start: Var, z_reach: frozenset) -> str | None:
             return f"it passes through the nonlinear `{name}`" + (f" at {n.source}" if n.source else "")
         term_vars.update(n.outputs)
     return None
-
-
-_SHAPE_ONLY = {"convert_element_type", "broadcast_in_dim", "reshape"}
 
 
 def _log_density_behind(graph: Graph, var: Var):
@@ -106,7 +101,7 @@ def _log_density_behind(graph: Graph, var: Var):
         node = graph.nodes[graph.producers[var]]
         if isinstance(node, LogProb):
             return node
-        if not (isinstance(node, Equation) and node.primitive.name in _SHAPE_ONLY and isinstance(node.inputs[0], Var)
+        if not (isinstance(node, Equation) and node.primitive.name in _jax.SHAPE_ONLY and isinstance(node.inputs[0], Var)
                 and np.issubdtype(np.dtype(node.outputs[0].dtype), np.floating)):
             return None
         var = node.inputs[0]
@@ -143,8 +138,7 @@ def integrate_kl(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Grap
     records, rewritten, described, identities = [], [], [], set()
 
     def current_graph() -> Graph:
-        return Graph(graph.name, graph.params, graph.params_treedef, graph.param_names, graph.inputs,
-                     graph.inputs_treedef, graph.input_names, tuple(consts), tuple(nodes))
+        return graph.with_nodes(nodes, consts)
 
     for site in candidates:
         if site.enumerated:
@@ -214,8 +208,7 @@ def integrate_kl(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Grap
 
             new_nodes, outputs, new_consts = emit(analytic_kl, [*q_lp.dist_inputs, *p_lp.dist_inputs], NAME,
                                                   f"{NAME}: KL({site.name})")
-            index = nodes.index(sub_node)
-            nodes = nodes[:index] + new_nodes + substitute(nodes[index + 1:], {sub_node.outputs[0]: outputs[0]})
+            nodes = splice(nodes, nodes.index(sub_node), new_nodes, {sub_node.outputs[0]: outputs[0]})
             consts += new_consts
             handled.add(q_lp)
             identities.add(KL_IDENTITY)
@@ -248,8 +241,7 @@ def integrate_kl(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Grap
 
             new_nodes, outputs, new_consts = emit(negative_entropy, list(q_lp.dist_inputs), NAME,
                                                   f"{NAME}: -H({site.name})")
-            index = nodes.index(q_lp)
-            nodes = nodes[:index] + new_nodes + substitute(nodes[index + 1:], {q_lp.output: outputs[0]})
+            nodes = splice(nodes, nodes.index(q_lp), new_nodes, {q_lp.output: outputs[0]})
             consts += new_consts
             identities.add(ENTROPY_IDENTITY)
             described.append(f"log q({site.name}) -> −H({q_lp.dist.name})")

@@ -33,44 +33,14 @@ import numpyro.distributions as dist
 
 from scg import _jax
 from scg.integrate import _site_is_normal, _unwrap
-from scg.ir import DistSpec, Equation, Graph, Literal, Site, Var, eliminate_dead_code, substitute
+from scg.ir import DistSpec, Equation, Graph, Literal, Site, Var, eliminate_dead_code, splice
 from scg.passes._common import Checks, candidate_sites
 from scg.passes.certificate import Certificate
 from scg.trace import _leaf_names, emit
 
 NAME = "reparameterize"
-NONDIFFERENTIABLE = frozenset({
-    "lt", "le", "gt", "ge", "eq", "ne", "sign", "floor", "ceil", "round", "stop_gradient", "is_finite",
-    "argmax", "argmin", "nextafter", "and", "or", "not", "xor", "population_count", "shift_left",
-    "shift_right_logical", "shift_right_arithmetic", "rng_bit_generator", "random_bits",
-})
-_TRUSTED = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 NORMAL_IDENTITY = "E_{z~N(μ,σ)}[f(z)] = E_{ε~N(0,1)}[f(μ+σε)]"
 RSAMPLE_IDENTITY = "E_{z~D(φ)}[f(z)] = E_{ε~r}[f(g_φ(ε))] (the family's rsample)"
-
-
-def _is_nondifferentiable(primitive_name: str, out_dtypes: Iterable, allow: frozenset) -> bool:
-    if primitive_name in allow:
-        return False
-    if primitive_name in NONDIFFERENTIABLE:
-        return True
-    return any(not np.issubdtype(np.dtype(d), np.inexact) for d in out_dtypes if not str(d).startswith("key"))
-
-
-def _nondifferentiable_inside(jaxpr, allow: frozenset) -> str | None:
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name in _TRUSTED:
-            continue
-        if _is_nondifferentiable(name, [v.aval.dtype for v in eqn.outvars], allow):
-            # loop counters and branch indices are integers by design: only flag float-path primitives
-            if name in NONDIFFERENTIABLE:
-                return name
-        for sub in _jax.sub_jaxprs(eqn.params):
-            found = _nondifferentiable_inside(sub, allow)
-            if found:
-                return found
-    return None
 
 
 def nondifferentiable_path(graph: Graph, site: Site, allow: frozenset = frozenset()) -> tuple[str, str | None] | None:
@@ -93,14 +63,13 @@ def nondifferentiable_path(graph: Graph, site: Site, allow: frozenset = frozense
         if not isinstance(node, Equation):
             continue
         name = node.primitive.name
-        if name in _TRUSTED:
-            continue
-        if _is_nondifferentiable(name, [v.dtype for v in node.outputs], allow):
+        if _jax.has_zero_derivative(name, [v.dtype for v in node.outputs], allow):
             return name, node.source
-        for sub in _jax.sub_jaxprs(node.params):
-            found = _nondifferentiable_inside(sub, allow)
-            if found:
-                return f"{found} (inside {name})", node.source
+        if name in _jax.TRUSTED_DERIVATIVE:
+            continue
+        found = _jax.zero_derivative_inside(node.params, allow)
+        if found:
+            return f"{found} (inside {name})", node.source
     return None
 
 
@@ -147,8 +116,7 @@ def reparameterize(graph: Graph, sites: Iterable[str] | None = None, *, allow_pr
                      if not (site.reparameterizable and not site.discrete) else f"{site.dist.name} has rsample")
         if checks.all_held:
             # check on the graph as rewritten so far: earlier rewrites change nothing on z's paths
-            current = Graph(graph.name, graph.params, graph.params_treedef, graph.param_names, graph.inputs,
-                            graph.inputs_treedef, graph.input_names, tuple(consts), tuple(nodes))
+            current = graph.with_nodes(nodes, consts)
             current_site = next(n for n in nodes if isinstance(n, Site) and n.name == site.name)
             bad = nondifferentiable_path(current, current_site, allow)
             detail = ("every path from the site to a cost is differentiable" if bad is None else
@@ -175,8 +143,7 @@ def reparameterize(graph: Graph, sites: Iterable[str] | None = None, *, allow_pr
             new_nodes, outputs, new_consts = emit(_normal_transform(current_site), [*current_site.inputs, eps], NAME,
                                                   f"{NAME}: {site.name} = loc + scale * eps")
             z_new = outputs[0]
-            rest = substitute(nodes[index + 1:], {current_site.output: z_new})
-            nodes = nodes[:index] + [noise] + new_nodes + rest
+            nodes = splice(nodes, index, [noise, *new_nodes], {current_site.output: z_new})
             consts += new_consts
             described.append(f"{site.name} ~ {site.dist.name}  ->  {site.name}.eps ~ Normal(0, 1); "
                              f"{site.name} = loc + scale * {site.name}.eps")

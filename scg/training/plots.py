@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from scg.checkpoint import atomic_write
+from scg.training.checkpoint import atomic_write
 
 __all__ = ["plot_curve", "plot_image_grid", "plot_reconstructions"]
 

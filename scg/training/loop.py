@@ -10,8 +10,8 @@ ends with exactly the parameters of an uninterrupted run::
 
     objective = scg.compile(model)
     optimizer = optax.adam(1e-3)
-    batches = scg.train.EpochBatches(train_images, 250, seed=0)
-    state = scg.train.fit(objective, optimizer, params, batches, epochs=10,
+    batches = scg.training.EpochBatches(train_images, 250, seed=0)
+    state = scg.training.fit(objective, optimizer, params, batches, epochs=10,
                           key=jax.random.key(0), out_dir="runs/model",
                           evaluate=lambda params, key: {"test_loss": ...})
 
@@ -42,9 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scg.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from scg.data import batches as _shuffled_batches
-from scg.errors import ScgError
+from scg.training.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from scg.datasets import batches as _shuffled_batches
+from scg import ScgError
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -64,7 +64,7 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.npz"
 METRICS_NAME = "metrics.jsonl"
-_CHECKPOINT_KIND = "scg.train.TrainState"
+_CHECKPOINT_KIND = "scg.training.TrainState"
 
 
 class TrainState(NamedTuple):
@@ -225,7 +225,7 @@ def make_multi_step(objective: Any, optimizer: optax.GradientTransformation, *, 
 class EpochBatches:
     """Shuffled minibatches per epoch: ``batches(epoch)`` is a pure function of ``(seed, epoch)``.
 
-    Wraps :func:`scg.data.batches` (the last, smaller batch is dropped so
+    Wraps :func:`scg.datasets.batches` (the last, smaller batch is dropped so
     shapes stay static). ``len(batches)`` is the number of steps per epoch.
 
     Attributes:
@@ -291,7 +291,7 @@ def _json_config(config: Mapping[str, Any] | None) -> str:
 
 
 def save_state(path: os.PathLike | str, state: TrainState, config: Mapping[str, Any] | None = None) -> None:
-    """Writes ``state`` (and the run's ``config``) to ``path`` atomically (see :mod:`scg.checkpoint`).
+    """Writes ``state`` (and the run's ``config``) to ``path`` atomically (see :mod:`scg.training.checkpoint`).
 
     A ``baseline_state`` that is not None is saved too (a state without one
     writes exactly the file it wrote before stateful baselines existed).

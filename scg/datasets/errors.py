@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scg.errors import ScgError
+from scg import ScgError
 
 __all__ = ["DataError"]
 

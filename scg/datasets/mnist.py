@@ -31,8 +31,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from scg.data.errors import DataError
-from scg.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx, read_maybe_gzipped
+from scg.datasets.errors import DataError
+from scg.datasets.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx, read_maybe_gzipped
 
 __all__ = [
     "BINARIZED_MNIST_SPLITS",

@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scg.errors import ScgError
+from scg import ScgError
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "atomic_write", "load_checkpoint", "save_checkpoint"]
 
-FORMAT_NAME = "scg.checkpoint"
+FORMAT_NAME = "scg.training.checkpoint"
 FORMAT_VERSION = 1
 
 _META_MEMBER = "__scg_checkpoint__"

@@ -12,7 +12,7 @@ from jax.scipy.special import ndtri
 
 from scg import estimators, integrate
 from scg.errors import BudgetError, IntractableError
-from scg.exact import graph_expectation
+from scg.integrate import graph_expectation
 
 
 @dataclasses.dataclass(frozen=True)

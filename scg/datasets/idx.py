@@ -21,7 +21,7 @@ import zlib
 
 import numpy as np
 
-from scg.data.errors import DataError
+from scg.datasets.errors import DataError
 
 __all__ = [
     "IDX_DTYPES",
