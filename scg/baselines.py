@@ -30,6 +30,14 @@ import optax
 from jax import lax
 
 
+class EmptyState(NamedTuple):
+    """The baseline state of an objective whose baseline keeps none (optax's ``EmptyState``).
+
+    A pytree with no leaves, so a training step can take and return a baseline
+    state whatever the objective's baseline is.
+    """
+
+
 class Baseline(NamedTuple):
     init: Callable[..., Any]
     apply: Callable[..., tuple[dict, Any]]

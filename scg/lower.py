@@ -97,9 +97,9 @@ class Objective:
         return self.baseline is not None and self.baseline.stateful
 
     def init_baseline_state(self, params: Any, *args: Any) -> Any:
-        """The initial state of a stateful baseline (``None`` for stateless ones)."""
-        if self.baseline is None:
-            return None
+        """The initial state of a stateful baseline; ``scg.baselines.EmptyState()`` for every other objective."""
+        if not self.stateful:
+            return baselines.EmptyState()
         graph = self.graph_for(params, *args)
         shapes = {s.name: tuple(p.size for p in s.plates) for s in estimators.score_sites(graph)}
         return self.baseline.init(shapes, *args)
@@ -108,7 +108,7 @@ class Objective:
         if self.stateful and baseline_state is None:
             raise ValueError(f"the baseline {self.baseline.name!r} keeps state: pass baseline_state= (start from "
                              "objective.init_baseline_state(params, *args)) and carry the state it returns")
-        if not self.stateful and baseline_state is not None:
+        if not self.stateful and baseline_state is not None and not isinstance(baseline_state, baselines.EmptyState):
             raise ValueError("baseline_state was given, but this objective's baseline keeps no state")
 
     # --- the compiled methods ----------------------------------------------------------------------
@@ -138,6 +138,8 @@ class Objective:
                     return surrogate(params, key, baseline_state)[0]
                 (_, (value, new_state)), grads = jax.value_and_grad(
                     lambda p: surrogate(p, key, baseline_state), has_aux=True)(params)
+                if method == "value_and_grad_with_state":
+                    return value, grads, new_state if self.stateful else baselines.EmptyState()
                 if method == "grad":
                     return (grads, new_state) if self.stateful else grads
                 return (value, grads, new_state) if self.stateful else (value, grads)
@@ -159,6 +161,36 @@ class Objective:
         """``(loss, grads)``; with a stateful baseline, ``(loss, grads, new_baseline_state)``."""
         self._check_state(baseline_state)
         return self._compiled("value_and_grad", num_samples)(params, args, key, baseline_state)
+
+    def value_and_grad_with_state(self, params: Any, *args: Any, key: jax.Array, baseline_state: Any,
+                                  num_samples: int = 1) -> tuple:
+        """``(loss, grads, new_baseline_state)`` for every objective: the one shape a training step needs.
+
+        ``baseline_state`` starts as ``objective.init_baseline_state(params, *args)``
+        (``scg.baselines.EmptyState()`` when the baseline keeps no state, which is
+        then returned unchanged), and the state returned goes into the next call.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+          >>> @scg.model
+          ... def m(params, x):
+          ...     b = scg.sample("b", dist.Bernoulli(logits=params["w"]))
+          ...     scg.cost("c", (b - x) ** 2.0)
+          >>> params, x = {"w": jnp.array(0.0)}, jnp.array(1.0)
+          >>> objective = scg.compile(m, baseline="moving_average")
+          >>> state = objective.init_baseline_state(params, x)
+          >>> loss, grads, state = objective.value_and_grad_with_state(params, x, key=jax.random.key(0),
+          ...                                                          baseline_state=state)
+          >>> sorted(state)
+          ['b']
+        """
+        if baseline_state is None:
+            raise ValueError("value_and_grad_with_state: pass baseline_state= (start from "
+                             "objective.init_baseline_state(params, *args)); it is scg.baselines.EmptyState() "
+                             "for objectives whose baseline keeps no state")
+        self._check_state(baseline_state)
+        state_in = baseline_state if self.stateful else None
+        return self._compiled("value_and_grad_with_state", num_samples)(params, args, key, state_in)
 
     def surrogate(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1,
                   baseline_state: Any = None) -> jax.Array:

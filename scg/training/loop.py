@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import scg
 from scg.training.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from scg.datasets import batches as _shuffled_batches
 from scg import ScgError
@@ -55,7 +56,6 @@ __all__ = [
     "evaluate_loss",
     "fit",
     "init_state",
-    "is_stateful",
     "load_state",
     "make_multi_step",
     "make_step",
@@ -77,8 +77,9 @@ class TrainState(NamedTuple):
       epoch: epochs completed.
       step: optimizer steps completed over the whole run.
       metrics: one dict per completed epoch (what ``metrics.jsonl`` holds).
-      baseline_state: the state of the objective's stateful baseline (see
-        ``Objective.init_baseline_state``); None for objectives without one.
+      baseline_state: the state of the objective's baseline (see
+        ``Objective.init_baseline_state``); ``scg.baselines.EmptyState()`` for
+        objectives whose baseline keeps none.
     """
 
     params: Any
@@ -87,7 +88,7 @@ class TrainState(NamedTuple):
     epoch: int
     step: int
     metrics: tuple
-    baseline_state: Any = None
+    baseline_state: Any = scg.baselines.EmptyState()
 
 
 class NonFiniteLossError(ScgError, FloatingPointError):
@@ -109,36 +110,22 @@ class NonFiniteLossError(ScgError, FloatingPointError):
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, key: jax.Array, *,
-               baseline_state: Any = None) -> TrainState:
+               baseline_state: Any = scg.baselines.EmptyState()) -> TrainState:
     """The state before the first step: ``optimizer.init(params)``, epoch and step 0, no metrics.
 
     ``baseline_state``: the initial state of a stateful baseline, e.g.
-    ``objective.init_baseline_state(params, *batch)`` (None: the objective has none).
+    ``objective.init_baseline_state(params, *batch)`` (default: the objective keeps none).
     """
     return TrainState(params, optimizer.init(params), key, 0, 0, (), baseline_state)
 
 
-def is_stateful(objective: Any) -> bool:
-    """Whether ``objective`` carries baseline state through its steps (``objective.stateful``)."""
-    return bool(getattr(objective, "stateful", False))
-
-
-# --------------------------------------------------------------------------- #
-# Steps.
-# --------------------------------------------------------------------------- #
-
-
 def _step_body(objective: Any, optimizer: optax.GradientTransformation, num_samples: int) -> Callable:
     """``body(params, opt_state, baseline_state, train_key, step, batch) -> (params, opt_state, baseline_state, loss)``."""
-    stateful = is_stateful(objective)
 
     def body(params, opt_state, baseline_state, train_key, step, batch):
         key = jax.random.fold_in(train_key, step)
-        if stateful:
-            loss, grads, baseline_state = objective.value_and_grad(
-                params, *batch, key=key, num_samples=num_samples, baseline_state=baseline_state)
-        else:
-            loss, grads = objective.value_and_grad(params, *batch, key=key, num_samples=num_samples)
+        loss, grads, baseline_state = objective.value_and_grad_with_state(
+            params, *batch, key=key, num_samples=num_samples, baseline_state=baseline_state)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, baseline_state, loss
 
@@ -149,49 +136,41 @@ def make_step(objective: Any, optimizer: optax.GradientTransformation, *, num_sa
     """One jitted optimizer step on one batch.
 
     Args:
-      objective: an :class:`scg.Objective` (or any object whose
-        ``value_and_grad(params, *batch, key=, num_samples=)`` returns ``(loss, grads)``).
+      objective: an :class:`scg.Objective` (anything with
+        ``value_and_grad_with_state(params, *batch, key=, num_samples=, baseline_state=)``).
       optimizer: an optax ``GradientTransformation``.
       num_samples: particles averaged per gradient estimate.
 
     Returns:
-      ``step(params, opt_state, train_key, step, *batch) -> (params, opt_state, loss)``:
-      pure and jitted; the gradient's key is ``fold_in(train_key, step)``. The
-      buffers of ``params`` and ``opt_state`` are donated (do not reuse them).
-
-      When the objective has a stateful baseline (``objective.stateful``), the
-      baseline state travels beside the optimizer state:
       ``step(params, opt_state, baseline_state, train_key, step, *batch) ->
-      (params, opt_state, baseline_state, loss)``, its buffers donated too.
+      (params, opt_state, baseline_state, loss)``: pure and jitted; the
+      gradient's key is ``fold_in(train_key, step)``. ``baseline_state`` is the
+      objective's (``objective.init_baseline_state(params, *batch)``;
+      ``scg.baselines.EmptyState()`` when its baseline keeps none). The buffers
+      of ``params``, ``opt_state`` and ``baseline_state`` are donated (do not
+      reuse them).
     """
     body = _step_body(objective, optimizer, num_samples)
-    if is_stateful(objective):
-        def stateful_step(params, opt_state, baseline_state, train_key, step, *batch):
-            return body(params, opt_state, baseline_state, train_key, step, batch)
 
-        return jax.jit(stateful_step, donate_argnums=(0, 1, 2))
+    def step(params, opt_state, baseline_state, train_key, step, *batch):
+        return body(params, opt_state, baseline_state, train_key, step, batch)
 
-    def step(params, opt_state, train_key, step, *batch):
-        params, opt_state, _, loss = body(params, opt_state, None, train_key, step, batch)
-        return params, opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 def make_multi_step(objective: Any, optimizer: optax.GradientTransformation, *, num_samples: int = 1) -> Callable:
     """Several optimizer steps in one dispatch (``lax.scan`` over a stack of batches).
 
     Returns:
-      ``multi_step(params, opt_state, train_key, first_step, *stacked) -> (params,
-      opt_state, losses)`` where each array of ``stacked`` has a leading axis of
-      ``n`` batches; step ``i`` uses the key ``fold_in(train_key, first_step + i)``,
-      as ``n`` calls of :func:`make_step`'s step would. ``losses``: ``(n,)``.
-      With a stateful baseline: ``multi_step(params, opt_state, baseline_state,
-      train_key, first_step, *stacked) -> (params, opt_state, baseline_state, losses)``.
+      ``multi_step(params, opt_state, baseline_state, train_key, first_step, *stacked) ->
+      (params, opt_state, baseline_state, losses)`` where each array of ``stacked``
+      has a leading axis of ``n`` batches; step ``i`` uses the key
+      ``fold_in(train_key, first_step + i)``, as ``n`` calls of
+      :func:`make_step`'s step would. ``losses``: ``(n,)``.
     """
     body = _step_body(objective, optimizer, num_samples)
 
-    def steps(params, opt_state, baseline_state, train_key, first_step, stacked):
+    def multi_step(params, opt_state, baseline_state, train_key, first_step, *stacked):
         n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
 
         def scan_body(carry, inputs):
@@ -203,17 +182,7 @@ def make_multi_step(objective: Any, optimizer: optax.GradientTransformation, *, 
             scan_body, (params, opt_state, baseline_state), (jnp.arange(n, dtype=jnp.int32), stacked))
         return params, opt_state, baseline_state, losses
 
-    if is_stateful(objective):
-        def stateful_multi_step(params, opt_state, baseline_state, train_key, first_step, *stacked):
-            return steps(params, opt_state, baseline_state, train_key, first_step, stacked)
-
-        return jax.jit(stateful_multi_step, donate_argnums=(0, 1, 2))
-
-    def multi_step(params, opt_state, train_key, first_step, *stacked):
-        params, opt_state, _, losses = steps(params, opt_state, None, train_key, first_step, stacked)
-        return params, opt_state, losses
-
-    return jax.jit(multi_step, donate_argnums=(0, 1))
+    return jax.jit(multi_step, donate_argnums=(0, 1, 2))
 
 
 # --------------------------------------------------------------------------- #
@@ -306,7 +275,7 @@ def save_state(path: os.PathLike | str, state: TrainState, config: Mapping[str, 
         "metrics": json.dumps(list(state.metrics)),
         "config": _json_config(config),
     }
-    if state.baseline_state is not None:
+    if _keeps_baseline_state(state.baseline_state):
         tree["baseline_state"] = state.baseline_state
     save_checkpoint(path, tree)
 
@@ -336,7 +305,7 @@ def load_state(path: os.PathLike | str, like: TrainState, config: Mapping[str, A
         "metrics": "",
         "config": "",
     }
-    if like.baseline_state is not None:
+    if _keeps_baseline_state(like.baseline_state):
         template["baseline_state"] = like.baseline_state
     tree = load_checkpoint(path, like=template)
     if tree["kind"] != _CHECKPOINT_KIND:
@@ -362,7 +331,11 @@ def load_state(path: os.PathLike | str, like: TrainState, config: Mapping[str, A
             f"checkpoint {os.fspath(path)!r} is inconsistent: epoch {tree['epoch']} but {len(metrics)} metric "
             "records. Delete it to start afresh, or choose another output folder.", path=path, leaf="metrics")
     return TrainState(tree["params"], tree["opt_state"], tree["key"], tree["epoch"], tree["step"], metrics,
-                      tree.get("baseline_state"))
+                      tree.get("baseline_state", scg.baselines.EmptyState()))
+
+
+def _keeps_baseline_state(baseline_state: Any) -> bool:
+    return baseline_state is not None and not isinstance(baseline_state, scg.baselines.EmptyState)
 
 
 def _write_metrics(path: pathlib.Path, metrics: Iterable[Mapping]) -> None:
@@ -436,9 +409,8 @@ def fit(
     """Trains ``params`` for ``epochs`` epochs (in total, counting resumed ones).
 
     Args:
-      objective: an :class:`scg.Objective` (anything with ``value_and_grad(params,
-        *batch, key=, num_samples=) -> (loss, grads)``; with ``stateful`` true,
-        ``value_and_grad(..., baseline_state=) -> (loss, grads, new_state)``).
+      objective: an :class:`scg.Objective` (anything with ``stateful``,
+        ``init_baseline_state`` and ``value_and_grad_with_state``).
       optimizer: an optax ``GradientTransformation``.
       params: initial parameters; on ``resume``, the template the checkpoint must
         match (its values are not used). Not modified (the loop works on a copy).
@@ -494,13 +466,15 @@ def fit(
     metrics_file = out / METRICS_NAME if out is not None else None
     _json_config(config)  # refuse a bad config before any work
 
-    stateful = is_stateful(objective)
-    if stateful and baseline_state is None:
+    stateful = bool(objective.stateful)
+    if not stateful and baseline_state is None:
+        baseline_state = scg.baselines.EmptyState()
+    elif stateful and baseline_state is None:
         first_batch = next(iter(batches(0)), None)
         if first_batch is None:
             raise ValueError("fit: batches(0) yielded no batch; an epoch needs at least one.")
         baseline_state = objective.init_baseline_state(params, *map(jnp.asarray, _as_tuple(first_batch)))
-    elif not stateful and baseline_state is not None:
+    elif not stateful and _keeps_baseline_state(baseline_state):
         raise ValueError("fit: baseline_state was given, but the objective's baseline keeps no state "
                          "(objective.stateful is False).")
     # Copies: the steps donate their input buffers, and the caller keeps its params (and the
@@ -539,15 +513,14 @@ def fit(
         try:
             for group in _groups(batches(epoch), steps_per_dispatch):
                 first = jnp.asarray(step, jnp.int32)
-                carried = (params, opt_state, baseline) if stateful else (params, opt_state)
+                carried = (params, opt_state, baseline)
                 if multi_fn is None:
                     *carried, loss = step_fn(*carried, train_key, first, *map(jnp.asarray, group[0]))
                 else:
                     stacked = tuple(jnp.asarray(np.stack(parts)) for parts in zip(*group))
                     *carried, loss = multi_fn(*carried, train_key, first, *stacked)
                 values = np.asarray(loss, np.float64).reshape(-1)
-                params, opt_state = carried[0], carried[1]
-                baseline = carried[2] if stateful else None
+                params, opt_state, baseline = carried
                 bad = np.flatnonzero(~np.isfinite(values))
                 if bad.size:
                     _raise_non_finite(step + int(bad[0]) + 1, epoch + 1, float(values[bad[0]]), checkpoint)
