@@ -39,33 +39,50 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _add_aevb_arguments(parser: argparse.ArgumentParser) -> None:
+def _finite_positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
+    return value
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser, *, name: str, batch_size: int, data: str,
+                          passes_help: str, lr: float, lr_help: str) -> None:
+    """The flags every training command shares (defined once, so they read the same everywhere)."""
     parser.add_argument("--epochs", type=_non_negative_int, default=10,
                         help="train up to this epoch (counting resumed ones; default 10)")
-    parser.add_argument("--batch-size", type=_positive_int, default=250, help="examples per step (default 250)")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder holding mnist/ (default $SCG_DATA_DIR; missing files are downloaded)")
-    parser.add_argument("--out", default="runs/aevb",
-                        help="output folder: metrics.jsonl, checkpoint, PNGs (default runs/aevb)")
+    parser.add_argument("--batch-size", type=_positive_int, default=batch_size,
+                        help=f"examples per step (default {batch_size})")
+    parser.add_argument("--data-dir", default=None, help=f"folder holding {data} (default $SCG_DATA_DIR)")
+    parser.add_argument("--out", default=f"runs/{name}",
+                        help=f"output folder: metrics.jsonl, checkpoint, PNGs (default runs/{name})")
     parser.add_argument("--seed", type=_non_negative_int, default=0,
                         help="seeds the initialization, batch order and sampling (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    parser.add_argument("--passes", choices=("auto", "none"), default="auto",
-                        help="auto: analytic KL and reparameterized z (default); none: the naive "
-                             "score-function graph")
-    parser.add_argument("--eval-k", type=_non_negative_int, default=100,
-                        help="importance samples for the final test log-likelihood (0: skip; default 100)")
-    parser.add_argument("--biases", action="store_true", help="add biases to every layer (Certigrad has none)")
-    parser.add_argument("--hidden", type=_positive_int, default=1000, help="hidden layer width (default 1000)")
-    parser.add_argument("--latent", type=_positive_int, default=30, help="latent dimension (default 30)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--passes", choices=("auto", "none"), default="auto", help=passes_help)
     parser.add_argument("--num-samples", type=_positive_int, default=1,
                         help="particles per gradient estimate (default 1)")
+    parser.add_argument("--lr", type=_finite_positive_float, default=lr, help=lr_help)
+    parser.add_argument("--eval-k", type=_non_negative_int, default=100,
+                        help="importance samples for the final test log-likelihood (0: skip; default 100)")
     parser.add_argument("--steps-per-dispatch", type=_positive_int, default=1,
                         help="optimizer steps per jitted call (lax.scan; default 1)")
     parser.add_argument("--eval-batch-size", type=_positive_int, default=500,
                         help="test examples per evaluation call (default 500)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_aevb_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common_arguments(
+        parser, name="aevb", batch_size=250, data="mnist/ (missing files are downloaded)",
+        passes_help="auto: analytic KL and reparameterized z (default); none: the naive score-function graph",
+        lr=1e-3, lr_help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--biases", action="store_true", help="add biases to every layer (Certigrad has none)")
+    parser.add_argument("--hidden", type=_positive_int, default=1000, help="hidden layer width (default 1000)")
+    parser.add_argument("--latent", type=_positive_int, default=30, help="latent dimension (default 30)")
 
 
 def _run_aevb(args: argparse.Namespace) -> int:
@@ -110,40 +127,21 @@ SBN_BASELINES = ("nvil", "moving_average", "leave_one_out", "none")
 
 
 def _add_sbn_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=_non_negative_int, default=10,
-                        help="train up to this epoch (counting resumed ones; default 10)")
-    parser.add_argument("--batch-size", type=_positive_int, default=100, help="examples per step (default 100)")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder holding binarized_mnist/ (default $SCG_DATA_DIR; nothing is downloaded)")
-    parser.add_argument("--out", default="runs/sbn",
-                        help="output folder: metrics.jsonl, checkpoint, PNGs (default runs/sbn)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
-                        help="seeds the initialization, batch order and sampling (default 0)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _add_common_arguments(
+        parser, name="sbn", batch_size=100, data="binarized_mnist/ (nothing is downloaded)",
+        passes_help="auto: the analytic Bernoulli KL (default); none: the sampled KL, so h's learning signal "
+                    "is NVIL's log q(h|x) - log p(x,h)",
+        lr=3e-3, lr_help="Adam learning rate of the model (default 3e-3: stable over 300 epochs at batch 100, "
+                         "and 9 nats ahead of 1e-3 after 5 epochs)")
     parser.add_argument("--baseline", choices=SBN_BASELINES, default="nvil",
                         help="control variate for the score function of h: nvil (default; a learned "
                              "784-100-1 MLP on x with running centering), moving_average, leave_one_out "
                              "(needs --num-samples >= 2) or none")
-    parser.add_argument("--passes", choices=("auto", "none"), default="auto",
-                        help="auto: the analytic Bernoulli KL (default); none: the sampled KL, so h's "
-                             "learning signal is NVIL's log q(h|x) - log p(x,h)")
-    parser.add_argument("--num-samples", type=_positive_int, default=1,
-                        help="particles per gradient estimate (default 1)")
-    parser.add_argument("--lr", type=float, default=3e-3,
-                        help="Adam learning rate of the model (default 3e-3: stable over 300 epochs at batch 100, "
-                             "and 9 nats ahead of 1e-3 after 5 epochs)")
-    parser.add_argument("--baseline-lr", type=float, default=3e-3,
+    parser.add_argument("--baseline-lr", type=_finite_positive_float, default=3e-3,
                         help="Adam learning rate of the nvil baseline network (default 3e-3)")
     parser.add_argument("--hidden", type=_positive_int, default=200, help="stochastic hidden units (default 200)")
     parser.add_argument("--recognition-hidden", type=_non_negative_int, default=0,
                         help="width of a tanh layer in q(h|x) (0: linear, NVIL's; default 0)")
-    parser.add_argument("--eval-k", type=_non_negative_int, default=100,
-                        help="importance samples for the final test log-likelihood (0: skip; default 100)")
-    parser.add_argument("--steps-per-dispatch", type=_positive_int, default=1,
-                        help="optimizer steps per jitted call (lax.scan; default 1)")
-    parser.add_argument("--eval-batch-size", type=_positive_int, default=500,
-                        help="test examples per evaluation call (default 500)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _run_sbn(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""The surrogate objective whose gradient is the estimator.
+r"""The surrogate objective whose gradient is the estimator.
 
 Approximates
     ``∇_θ E[Σ_j c_j]`` for a stochastic computation graph.
@@ -8,9 +8,9 @@ With
 
     .. math::
 
-        S = \\sum_j \\sum c_j \\cdot ⊡\\Big(\\sum_{i \\in \\mathrm{anc}(j)} \\log p(z_i \\mid φ_i)\\Big)
-            + \\sum_i \\big(1 - ⊡(\\log p(z_i \\mid φ_i))\\big)\\, b_i,
-        \\qquad ⊡(x) = \\exp(x - \\bot(x)),
+        S = \sum_j \sum c_j \cdot ⊡\Big(\sum_{i \in \mathrm{anc}(j)} \log p(z_i \mid φ_i)\Big)
+            + \sum_i \big(1 - ⊡(\log p(z_i \mid φ_i))\big)\, b_i,
+        \qquad ⊡(x) = \exp(x - \bot(x)),
 
     where ``anc(j)`` are the score-function sites cost ``j`` depends on (so each
     site's score is multiplied by its **downstream costs** only), ``⊥`` is
@@ -24,7 +24,7 @@ Requires
     reparameterized sites drawn with ``rsample`` and every path from them to a
     cost differentiable (checked by ``scg.passes.reparameterize``).
 
-Plates: a site or cost inside ``scg.plate``\\ s contributes per-example terms; a
+Plates: a site or cost inside ``scg.plate``\ s contributes per-example terms; a
 cost of example ``n`` is multiplied only by the log densities of example ``n``
 of sites that share the plate (and all of a site's examples for plates the
 cost is outside of).

@@ -42,6 +42,18 @@ def expectation(model_or_graph: Any, params: Any, *args: Any, order: int = integ
     is *not* for costs that jump in a Normal site's value (``z > 0``): there the
     gradient through the quadrature points misses the jump. Check such models
     with discrete sites or closed forms.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     z = scg.sample("z", dist.Normal(params["mu"], 1.0))
+      ...     scg.cost("fit", (z - x) ** 2)
+      >>> params, x = {"mu": jnp.array(0.5)}, jnp.array(1.0)
+      >>> round(float(scg.expectation(m, params, x)), 5)   # (μ - x)² + 1
+      1.25
+      >>> round(float(jax.grad(lambda p: scg.expectation(m, p, x))(params)["mu"]), 5)   # 2 (μ - x)
+      -1.0
     """
     graph = _graph_of(model_or_graph, params, args)
     param_leaves = jax.tree_util.tree_leaves(params)
@@ -94,6 +106,17 @@ def check_grad(model: Any, params: Any, *args: Any, key: jax.Array, num_samples:
     The estimator is ``scg.compile(model, passes=passes, baseline=baseline)``
     with ``particles`` particles per estimate; the truth is
     ``jax.grad(scg.expectation)`` of the *original* model.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     b = scg.sample("b", dist.Bernoulli(logits=params["w"]))
+      ...     scg.cost("err", (b - x) ** 2.0)
+      >>> params, x = {"w": jnp.array(0.0)}, jnp.array(1.0)
+      >>> report = scg.check_grad(m, params, x, key=jax.random.key(0), num_samples=2000)
+      >>> report.ok
+      True
     """
     objective = model if isinstance(model, Objective) else compile_objective(model, passes=passes, baseline=baseline)
     source = objective.source

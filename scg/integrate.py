@@ -1,8 +1,8 @@
-"""Exact integration of one site: enumeration of a finite support, Gauss–Hermite for Normals.
+r"""Exact integration of one site: enumeration of a finite support, Gauss–Hermite for Normals.
 
 A site handler in :mod:`scg.interpreter` style: :func:`integrate_site` returns
 
-.. math::  \\sum_j w_j \\, \\mathrm{rest}(z_j)
+.. math::  \sum_j w_j \, \mathrm{rest}(z_j)
 
 where ``rest`` is the continuation (the rest of the graph as a function of the
 site's value), evaluated for every point ``z_j`` at once with ``jax.vmap``.

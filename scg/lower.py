@@ -222,5 +222,17 @@ def compile(model_or_graph: Model | Graph, passes: Any = "auto", *, baseline: An
     ``objective``: ``"elbo"`` (the expected sum of costs) or ``"iwae"`` (the
     importance-weighted bound over ``num_samples`` particles, with VIMCO
     signals for score-function sites).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     z = scg.sample("z", dist.Normal(params["mu"], 1.0))
+      ...     scg.cost("fit", (z - x) ** 2)
+      >>> params, x = {"mu": jnp.array(0.5)}, jnp.array(1.0)
+      >>> objective = scg.compile(m)            # passes="auto": z is reparameterized
+      >>> loss, grads = objective.value_and_grad(params, x, key=jax.random.key(0), num_samples=4)
+      >>> grads["mu"].shape
+      ()
     """
     return Objective(model_or_graph, passes=passes, baseline=baseline, order=order, objective=objective)

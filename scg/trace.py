@@ -165,6 +165,17 @@ def sample(name: str, distribution: Any) -> jax.Array:
 
     Inside a traced model this records a stochastic node; the value is drawn by
     the compiled objective from a key derived from the objective's key and ``name``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     z = scg.sample("z", dist.Normal(params["mu"], 1.0))
+      ...     scg.cost("fit", (z - x) ** 2)
+      >>> params, x = {"mu": jnp.array(0.5)}, jnp.array(1.0)
+      >>> site = m.trace(params, x).site("z")
+      >>> site.dist.name, site.output.shape
+      ('Normal', ())
     """
     state = _state("scg.sample", name)
     source = _caller_source()
@@ -198,7 +209,18 @@ def sample(name: str, distribution: Any) -> jax.Array:
 
 
 def cost(name: str, value: Any) -> None:
-    """Declares ``value`` (a floating array) a cost: its elements are summed into the loss."""
+    """Declares ``value`` (a floating array) a cost: its elements are summed into the loss.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     z = scg.sample("z", dist.Normal(params["mu"], 1.0))
+      ...     scg.cost("fit", (z - x) ** 2)
+      >>> params, x = {"mu": jnp.array(0.5)}, jnp.array(1.0)
+      >>> round(float(scg.expectation(m, params, x)), 5)  # E[(z - x)²] = (μ - x)² + 1
+      1.25
+    """
     state = _state("scg.cost", name)
     source = _caller_source()
     if not isinstance(name, str) or not name:
@@ -229,6 +251,19 @@ def log_prob(distribution: Any, value: Any) -> jax.Array:
 
     Inside a model this is the form ``integrate_kl`` pattern-matches (a sampled KL
     ``log q(z) - log p(z)``). Outside a model it simply evaluates the log density.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     q = dist.Normal(params["mu"], 1.0)
+      ...     z = scg.sample("z", q)
+      ...     scg.cost("kl", scg.log_prob(q, z) - scg.log_prob(dist.Normal(0.0, 1.0), z))
+      >>> params = {"mu": jnp.array(0.5)}
+      >>> round(float(scg.expectation(m, params, jnp.zeros(()))), 6)  # KL(N(0.5, 1) ‖ N(0, 1)) = 0.5²/2
+      0.125
+      >>> round(float(scg.log_prob(dist.Normal(0.0, 1.0), 0.0)), 4)  # outside a model: the log density
+      -0.9189
     """
     stack = getattr(_local, "stack", None)
     if not stack:
@@ -254,6 +289,17 @@ def plate(name: str, size: int):
     (``k`` = the number of enclosing plates) has size ``N`` and indexes examples
     that are independent given what is outside the plate, so the score term of
     example ``i`` is multiplied only by example ``i``'s downstream costs.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     with scg.plate("data", x.shape[0]):
+      ...         b = scg.sample("b", dist.Bernoulli(logits=params["w"] * jnp.ones(x.shape[0])))
+      ...         scg.cost("err", (b - x) ** 2.0)
+      >>> graph = m.trace({"w": jnp.array(0.0)}, jnp.array([0.0, 1.0, 1.0]))
+      >>> [p.name for p in graph.site("b").plates]
+      ['data']
     """
     state = _state("scg.plate", name)
     if any(p.name == name for p in state.plates):
@@ -352,7 +398,19 @@ class Model:
 
 
 def model(fn: Callable) -> Model:
-    """Decorates a model function ``fn(params, *data)`` that calls scg.sample / scg.cost."""
+    """Decorates a model function ``fn(params, *data)`` that calls scg.sample / scg.cost.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     z = scg.sample("z", dist.Normal(params["mu"], 1.0))
+      ...     scg.cost("fit", (z - x) ** 2)
+      >>> params, x = {"mu": jnp.array(0.5)}, jnp.array(1.0)
+      >>> graph = m.trace(params, x)
+      >>> [site.name for site in graph.sites], graph.downstream_costs
+      (['z'], {'z': ('fit',)})
+    """
     return Model(fn)
 
 

@@ -137,3 +137,21 @@ def test_public_names_match_design():
 
 def test_version_comes_from_the_installed_metadata():
     assert scg.__version__ == importlib.metadata.version("scg")
+
+
+def _public_callables():
+    import inspect
+
+    for namespace in (scg, scg.passes, scg.baselines):
+        for name in sorted(vars(namespace)):
+            obj = getattr(namespace, name)
+            if name.startswith("_") or not inspect.isfunction(obj) or not obj.__module__.startswith("scg"):
+                continue
+            yield f"{namespace.__name__}.{name}", obj
+
+
+@pytest.mark.parametrize("name, fn", list(_public_callables()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_public_function_and_pass_has_a_runnable_example(name, fn):
+    # pytest runs these examples (--doctest-modules over scg/): documentation that cannot rot
+    doc = fn.__doc__ or ""
+    assert "Examples:" in doc and ">>>" in doc, f"{name} has no Examples: section with a doctest"

@@ -18,7 +18,23 @@ from scg.verify import VerifyReport as VerifyReport
 
 
 def chain(*passes: Callable) -> Callable:
-    """Composes passes left to right; the certificate of the chain lists each pass's certificate."""
+    """Composes passes left to right; the certificate of the chain lists each pass's certificate.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     q = dist.Normal(params["mu"], 1.0)
+      ...     z = scg.sample("z", q)
+      ...     scg.cost("fit", (z - x) ** 2)
+      ...     scg.cost("kl", scg.log_prob(q, z) - scg.log_prob(dist.Normal(0.0, 1.0), z))
+      >>> params, x = {"mu": jnp.array(0.5)}, jnp.array(1.0)
+      >>> graph = m.trace(params, x)
+      >>> both = scg.passes.chain(scg.passes.integrate_kl, scg.passes.reparameterize)
+      >>> new_graph, cert = both(graph)
+      >>> cert.pass_name, cert.rewritten
+      ('integrate_kl → reparameterize', ('z',))
+    """
 
     def chained(graph, sites=None):
         certificates = []
@@ -41,7 +57,22 @@ def chain(*passes: Callable) -> Callable:
 
 def auto(graph, sites=None):
     """The default pipeline: ``integrate_kl`` wherever its pattern matches, then
-    ``reparameterize`` wherever certified; every other site stays score-function."""
+    ``reparameterize`` wherever certified; every other site stays score-function.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     q = dist.Normal(params["mu"], 1.0)
+      ...     z = scg.sample("z", q)
+      ...     scg.cost("fit", (z - x) ** 2)
+      ...     scg.cost("kl", scg.log_prob(q, z) - scg.log_prob(dist.Normal(0.0, 1.0), z))
+      >>> params, x = {"mu": jnp.array(0.5)}, jnp.array(1.0)
+      >>> graph = m.trace(params, x)
+      >>> new_graph, cert = scg.passes.auto(graph)
+      >>> [site.name for site in new_graph.sites]
+      ['z.eps']
+    """
     return chain(integrate_kl, reparameterize)(graph, sites=sites)
 
 
@@ -49,7 +80,15 @@ _BY_NAME = {"auto": auto, "reparameterize": reparameterize, "integrate_kl": inte
 
 
 def resolve_passes(passes: Any) -> list:
-    """``"auto"`` | ``None`` | ``"none"`` | ``[]`` | a sequence of passes or pass names -> list of passes."""
+    """``"auto"`` | ``None`` | ``"none"`` | ``[]`` | a sequence of passes or pass names -> list of passes.
+
+    Examples:
+      >>> import scg
+      >>> [p.__name__ for p in scg.passes.resolve_passes(["integrate_kl", scg.passes.reparameterize])]
+      ['integrate_kl', 'reparameterize']
+      >>> scg.passes.resolve_passes("none")
+      []
+    """
     if passes is None or (isinstance(passes, str) and passes == "none"):
         return []
     if isinstance(passes, str):

@@ -1,4 +1,4 @@
-"""Analytic KL divergences numpyro's registry lacks, registered into it.
+r"""Analytic KL divergences numpyro's registry lacks, registered into it.
 
 numpyro (0.22) registers ``kl_divergence`` for ``CategoricalProbs`` pairs but not
 for Bernoulli at all, nor for the logits parametrizations. ``integrate_kl``
@@ -6,7 +6,7 @@ promises Bernoulli/Bernoulli and Categorical/Categorical in every
 parametrization, so the missing pairs are registered here, each only when
 numpyro has no rule of its own for it:
 
-.. math::  \\mathrm{KL}(q\\|p) = \\sum_v q(v)\\,(\\log q(v) - \\log p(v)),
+.. math::  \mathrm{KL}(q\|p) = \sum_v q(v)\,(\log q(v) - \log p(v)),
 
 with ``0·log 0 = 0`` and log-probabilities taken from logits through
 ``log_sigmoid`` / ``log_softmax`` for stability.

@@ -59,6 +59,20 @@ class Certificate:
         Exactly (``scg.expectation`` of both graphs) where the graph allows it;
         otherwise by Monte Carlo, comparing both estimators' means through their
         standard errors. Returns a :class:`scg.passes.VerifyReport`.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+          >>> @scg.model
+          ... def m(params, x):
+          ...     q = dist.Normal(params["mu"], 1.0)
+          ...     z = scg.sample("z", q)
+          ...     scg.cost("fit", (z - x) ** 2)
+          ...     scg.cost("kl", scg.log_prob(q, z) - scg.log_prob(dist.Normal(0.0, 1.0), z))
+          >>> params, x = {"mu": jnp.array(0.5)}, jnp.array(1.0)
+          >>> graph = m.trace(params, x)
+          >>> _, cert = scg.passes.integrate_kl(graph)
+          >>> cert.verify(params, x, key=jax.random.key(0)).ok
+          True
         """
         return verify_rewrite(self, params, *args, key=key, num_samples=num_samples, **options)
 

@@ -43,6 +43,19 @@ def enumerate(graph: Graph, sites: Iterable[str] | None = None, *, budget: int =
     Returns:
       ``(new_graph, certificate)``. Raises :class:`scg.BudgetError` naming the
       support sizes when the joint support exceeds ``budget``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     b = scg.sample("b", dist.Bernoulli(logits=params["w"]))
+      ...     scg.cost("err", (b - x) ** 2.0)
+      >>> params, x = {"w": jnp.array(0.0)}, jnp.array(1.0)
+      >>> graph, cert = scg.passes.enumerate(m.trace(params, x))
+      >>> cert.rewritten
+      ('b',)
+      >>> float(scg.compile(graph, passes=[]).loss(params, x, key=jax.random.key(0)))  # exact: P(b = 0)
+      0.5
     """
     candidates, strict = candidate_sites(graph, sites, NAME)
     records, chosen = [], []

@@ -98,6 +98,17 @@ def reparameterize(graph: Graph, sites: Iterable[str] | None = None, *, allow_pr
 
     Returns:
       ``(new_graph, certificate)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     z = scg.sample("z", dist.Normal(params["mu"], 1.0))
+      ...     scg.cost("fit", (z - x) ** 2)
+      >>> params, x = {"mu": jnp.array(0.5)}, jnp.array(1.0)
+      >>> graph, cert = scg.passes.reparameterize(m.trace(params, x))
+      >>> cert.rewritten, [site.name for site in graph.sites]
+      (('z',), ['z.eps'])
     """
     allow = frozenset(allow_primitives)
     candidates, strict = candidate_sites(graph, sites, NAME)
