@@ -40,7 +40,7 @@ from jax import lax
 
 from scg import integrate
 from scg.errors import ModelError
-from scg.interpreter import initial_env, read, walk
+from scg.interpreter import initial_env, read, validity_factor, walk
 from scg.ir import Graph, Site
 from scg.plates import align, per_example
 
@@ -82,7 +82,8 @@ def _logp_key(name: str) -> tuple:
     return ("scg.logp", name)
 
 
-def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = integrate.DEFAULT_ORDER) -> ParticleEstimate:
+def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = integrate.DEFAULT_ORDER,
+                      checked: bool = False) -> ParticleEstimate:
     """Walks the graph once: samples each site, integrates enumerated ones, builds the surrogate."""
     scored = {s.name: s for s in score_sites(graph)}
 
@@ -111,8 +112,9 @@ def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = i
         surrogate = jnp.zeros(())
         loss = jnp.zeros(())
         cost_terms = {}
+        valid = validity_factor(env)  # NaN when a distribution's parameters violate its constraints
         for c in graph.costs:
-            term = per_example(read(env, c.input), c.plates)
+            term = per_example(read(env, c.input), c.plates) * valid.astype(c.input.dtype)
             cost_terms[c.name] = (term, c.plates)
             exponent = jnp.zeros(())
             for name in graph.stochastic_ancestors(c):
@@ -133,7 +135,7 @@ def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = i
         costs = {name: term for name, (term, _) in cost_terms.items()}
         return ParticleEstimate(surrogate, loss, score_factors, downstream, log_densities, costs)
 
-    return walk(graph, env, on_site=on_site, on_end=on_end)
+    return walk(graph, env, on_site=on_site, on_end=on_end, checked=checked)
 
 
 # --- combining particles: the ELBO-style surrogate with baselines, or the IWAE / VIMCO bound -------
@@ -190,7 +192,8 @@ OBJECTIVES = ("elbo", "iwae")
 def surrogate_and_loss(graph: Graph, param_leaves: list, input_leaves: list, key: jax.Array, *,
                        num_samples: int = 1, baseline: Any = None, baseline_state: Any = None,
                        baseline_args: tuple = (), objective: str = "elbo",
-                       order: int = integrate.DEFAULT_ORDER) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+                       order: int = integrate.DEFAULT_ORDER,
+                       checked: bool = False) -> tuple[jax.Array, tuple[jax.Array, Any]]:
     """The surrogate over ``num_samples`` independent particles (``vmap``), and ``(loss, new baseline state)``.
 
     ``objective="elbo"``: the mean over particles of each particle's surrogate
@@ -199,7 +202,7 @@ def surrogate_and_loss(graph: Graph, param_leaves: list, input_leaves: list, key
     env = initial_env(graph, param_leaves, input_leaves)
 
     def one(k):
-        return particle_estimate(graph, env, k, order=order)
+        return particle_estimate(graph, env, k, order=order, checked=checked)
 
     if num_samples == 1:
         estimates = jax.tree_util.tree_map(lambda x: x[None], one(key))

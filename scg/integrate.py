@@ -33,7 +33,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from scg.errors import BudgetError, IntractableError
-from scg.interpreter import initial_env, read, walk
+from scg.interpreter import initial_env, read, validity_factor, walk
 from scg.ir import Graph, Site, Var
 from scg.plates import align, per_example
 
@@ -216,9 +216,10 @@ def graph_expectation(graph: Graph, param_leaves: list, input_leaves: list, *,
     def on_end(env):
         # per-example cost sums, grouped by the plates the costs sit in
         groups: dict = {}
+        valid = validity_factor(env)  # NaN when a distribution's parameters violate its constraints
         for c in graph.costs:
             plates = tuple(sorted(c.plates, key=lambda p: p.dim))
-            term = per_example(read(env, c.input), plates)
+            term = per_example(read(env, c.input), plates) * valid.astype(c.input.dtype)
             groups[plates] = groups[plates] + term if plates in groups else term
         return groups
 

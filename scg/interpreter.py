@@ -13,13 +13,28 @@ per-site quantities such as log densities there) and returns what
 once; an enumerating handler calls it under ``jax.vmap`` over the support and
 takes the weighted sum. Walking happens at trace time: the compiled function
 has no Python per node.
+
+**Check nodes** evaluate numpyro's ``arg_constraints`` of a distribution's
+operands. Their conjunction is kept in ``env[VALID]``; :func:`validity_factor`
+turns it into ``1`` or ``NaN``, which the estimator and the exact integrator
+multiply into everything they return, so an invalid parameter gives NaN values
+*and* NaN gradients (``∂(NaN·S) = NaN·∂S``) instead of plausible numbers. With
+``checked=True`` each failed constraint also raises through
+``jax.experimental.checkify``, naming the site and the parameter.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from jax.experimental import checkify
+from numpyro.distributions import constraints
+
 from scg import _jax
-from scg.ir import Equation, Graph, Literal, LogProb, Site, Var
+from scg.ir import Check, Equation, Graph, Literal, LogProb, Site, Var
+
+VALID = ("scg.valid",)  # env key: the conjunction of every check walked so far
 
 
 def initial_env(graph: Graph, param_leaves: list, input_leaves: list) -> dict:
@@ -37,8 +52,35 @@ def read(env: dict, atom: Any) -> Any:
     return atom.value if isinstance(atom, Literal) else env[atom]
 
 
-def walk(graph: Graph, env: dict, *, on_site: Callable, on_end: Callable, start: int = 0) -> Any:
-    """Evaluates ``graph.nodes[start:]`` in ``env`` (a dict Var -> value, not mutated)."""
+def parameter_checks(distribution: Any) -> list[tuple[str, Any]]:
+    """``(parameter, all elements satisfy its constraint)`` for each parameter the distribution was given.
+
+    Looks through wrappers (``Independent``, ``expand``, masks) to the base
+    distribution; parameters with a ``dependent`` constraint are not checkable
+    on their own and are skipped.
+    """
+    checks, d, prefix = [], distribution, ""
+    while d is not None:
+        for name, constraint in getattr(d, "arg_constraints", {}).items():
+            value = d.__dict__.get(name)  # only what the user gave (probs vs logits), not lazy properties
+            if value is None or constraints.is_dependent(constraint):
+                continue
+            checks.append((prefix + name, jnp.all(constraint(value))))
+        d, prefix = getattr(d, "base_dist", None), prefix + "base."
+    return checks
+
+
+def validity_factor(env: dict, dtype: Any = jnp.float32) -> Any:
+    """``1`` where every check walked so far held, ``NaN`` otherwise (multiply it into results)."""
+    return jnp.where(env.get(VALID, True), jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
+
+
+def walk(graph: Graph, env: dict, *, on_site: Callable, on_end: Callable, start: int = 0,
+         checked: bool = False) -> Any:
+    """Evaluates ``graph.nodes[start:]`` in ``env`` (a dict Var -> value, not mutated).
+
+    ``checked``: raise (through ``checkify``) on a failed parameter check, besides recording it.
+    """
     env = dict(env)
     nodes = graph.nodes
     for i in range(start, len(nodes)):
@@ -50,6 +92,16 @@ def walk(graph: Graph, env: dict, *, on_site: Callable, on_end: Callable, start:
         elif isinstance(node, LogProb):
             distribution = node.dist.build([read(env, a) for a in node.dist_inputs])
             env[node.output] = distribution.log_prob(read(env, node.value))
+        elif isinstance(node, Check):
+            distribution = node.dist.build([read(env, a) for a in node.inputs])
+            valid = env.get(VALID, True)
+            for parameter, ok in parameter_checks(distribution):
+                if checked:
+                    checkify.check(ok, f"{node.subject}: parameter {parameter!r} of {node.dist.name} violates its "
+                                       f"constraint {type(distribution).arg_constraints.get(parameter.split('.')[-1], '')}"
+                                       + (f" (at {node.source})" if node.source else ""))
+                valid = jnp.logical_and(valid, ok)
+            env[VALID] = valid
         elif isinstance(node, Site):
             distribution = node.dist.build([read(env, a) for a in node.inputs])
 
@@ -57,7 +109,7 @@ def walk(graph: Graph, env: dict, *, on_site: Callable, on_end: Callable, start:
                 rest = dict(_env)
                 rest[_site.output] = value
                 rest.update(extra or {})
-                return walk(graph, rest, on_site=on_site, on_end=on_end, start=_next)
+                return walk(graph, rest, on_site=on_site, on_end=on_end, start=_next, checked=checked)
 
             return on_site(node, distribution, env, continue_with)
         # Cost nodes define nothing: on_end reads their inputs from env

@@ -171,7 +171,32 @@ class Cost:
         return dataclasses.replace(self, **changes)
 
 
-Node = Union[Equation, Site, LogProb, Cost]
+@dataclass(frozen=True, eq=False)
+class Check:
+    """``dist.build(inputs)`` must satisfy its family's parameter constraints (numpyro's ``arg_constraints``).
+
+    The tracer adds one after every site and every ``scg.log_prob``. It defines
+    nothing; the walker evaluates it, and where it fails the compiled methods
+    and ``scg.expectation`` return NaN (or raise, with ``scg.compile(...,
+    checked=True)``). Because it reads the distribution's operands and not the
+    site, a pass that rewrites the site (reparameterize, integrate_kl) cannot
+    make an invalid parameter give plausible numbers.
+    """
+
+    subject: str  # what is checked, for messages: "site 'z'" or "scg.log_prob(Normal)"
+    dist: DistSpec
+    inputs: tuple
+    source: str | None = None
+
+    @property
+    def outputs(self) -> tuple:
+        return ()
+
+    def replace(self, **changes) -> "Check":
+        return dataclasses.replace(self, **changes)
+
+
+Node = Union[Equation, Site, LogProb, Cost, Check]
 
 
 @dataclass(frozen=True, eq=False)
@@ -362,6 +387,8 @@ def _node_label(n: Node) -> str:
         return f"cost {n.name!r}"
     if isinstance(n, LogProb):
         return f"log_prob of {n.dist.name}"
+    if isinstance(n, Check):
+        return f"check of {n.subject}"
     return f"equation {n.primitive.name!r}"
 
 
@@ -442,6 +469,9 @@ def format_graph(graph: Graph) -> str:
         elif isinstance(n, LogProb):
             args = ", ".join(f"{k}={name(a)}" for k, a in sorted(zip(n.dist.leaf_names, n.dist_inputs), key=lambda t: t[0]))
             rows.append((f"{typed(n.output)} = log_prob {n.dist.name}({args}) at {name(n.value)}", src))
+        elif isinstance(n, Check):
+            args = ", ".join(f"{k}={name(a)}" for k, a in sorted(zip(n.dist.leaf_names, n.inputs), key=lambda t: t[0]))
+            rows.append((f"check  {n.dist.name}({args}) is valid  [{n.subject}]", src))
         elif isinstance(n, Cost):
             plates = f"  [plates={','.join(p.name for p in n.plates)}]" if n.plates else ""
             rows.append((f"cost {n.name!r} += sum({name(n.input)}){plates}", src))
@@ -463,7 +493,7 @@ def substitute(nodes: Iterable[Node], mapping: dict) -> list:
             out.append(n)
         elif isinstance(n, Equation):
             out.append(n.replace(inputs=tuple(map(sub, n.inputs))))
-        elif isinstance(n, Site):
+        elif isinstance(n, (Site, Check)):
             out.append(n.replace(inputs=tuple(map(sub, n.inputs))))
         elif isinstance(n, LogProb):
             out.append(n.replace(dist_inputs=tuple(map(sub, n.dist_inputs)), value=sub(n.value)))
@@ -479,11 +509,11 @@ def splice(nodes: Sequence[Node], index: int, new_nodes: Iterable[Node], mapping
 
 
 def eliminate_dead_code(graph: Graph) -> Graph:
-    """Drops deterministic and log-density nodes whose values reach no site or cost."""
+    """Drops deterministic and log-density nodes whose values reach no site, cost or check."""
     live: set = set()
     keep = []
     for n in reversed(graph.nodes):
-        if isinstance(n, (Site, Cost)) or any(v in live for v in n.outputs):
+        if isinstance(n, (Site, Cost, Check)) or any(v in live for v in n.outputs):
             keep.append(n)
             live.update(a for a in n.inputs if isinstance(a, Var))
     used_consts = tuple((v, c) for v, c in graph.consts if v in live)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+from jax.experimental import checkify
 
 from scg import baselines, estimators, integrate
 from scg.errors import ModelError
@@ -27,6 +28,20 @@ def _abstract(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jax.numpy.shape(x), jax.numpy.result_type(x)), tree)
 
 
+def _with_checks(run: Callable) -> Callable:
+    """``jax.jit(run)`` that raises a ModelError naming the site and parameter when a check fails."""
+    checked_run = jax.jit(checkify.checkify(run))
+
+    def call(*args):
+        error, out = checked_run(*args)
+        message = error.get()
+        if message:
+            raise ModelError(f"invalid distribution parameters: {message.splitlines()[0]}")
+        return out
+
+    return call
+
+
 class Objective:
     """The compiled stochastic objective ``L(θ) = E[Σ costs]`` of a model.
 
@@ -42,7 +57,7 @@ class Objective:
     """
 
     def __init__(self, source: Model | Graph, passes: Any = "auto", baseline: Any = None,
-                 order: int = integrate.DEFAULT_ORDER, objective: str = "elbo"):
+                 order: int = integrate.DEFAULT_ORDER, objective: str = "elbo", checked: bool = False):
         if not isinstance(source, (Model, Graph)):
             raise TypeError(f"scg.compile expects a function decorated with @scg.model or an scg.Graph, "
                             f"got {type(source).__name__}")
@@ -55,6 +70,7 @@ class Objective:
         self.baseline = baselines.resolve(baseline)
         self.objective = objective
         self.order = order
+        self.checked = bool(checked)
         self.trace_count = 0  # how many times JAX traced a method (tests count retraces)
         self._graphs: dict = {}
         self._jitted: dict = {}
@@ -120,7 +136,7 @@ class Objective:
             return estimators.surrogate_and_loss(
                 graph, jax.tree_util.tree_leaves(p), input_leaves, key, num_samples=num_samples,
                 baseline=self.baseline, baseline_state=baseline_state, baseline_args=tuple(args),
-                objective=self.objective, order=self.order)
+                objective=self.objective, order=self.order, checked=self.checked)
 
         return surrogate
 
@@ -144,7 +160,7 @@ class Objective:
                     return (grads, new_state) if self.stateful else grads
                 return (value, grads, new_state) if self.stateful else (value, grads)
 
-            self._jitted[cache_key] = jax.jit(run)
+            self._jitted[cache_key] = _with_checks(run) if self.checked else jax.jit(run)
         return self._jitted[cache_key]
 
     def loss(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1,
@@ -209,7 +225,7 @@ class Objective:
 
 
 def compile(model_or_graph: Model | Graph, passes: Any = "auto", *, baseline: Any = None,
-            objective: str = "elbo", order: int = integrate.DEFAULT_ORDER) -> Objective:  # noqa: A001
+            objective: str = "elbo", order: int = integrate.DEFAULT_ORDER, checked: bool = False) -> Objective:  # noqa: A001
     """Compiles a model (or a traced Graph) into an :class:`Objective`.
 
     ``passes``: ``"auto"`` (analytic KL where the pattern matches, then
@@ -221,7 +237,10 @@ def compile(model_or_graph: Model | Graph, passes: Any = "auto", *, baseline: An
     function of the downstream costs (see :mod:`scg.baselines`).
     ``objective``: ``"elbo"`` (the expected sum of costs) or ``"iwae"`` (the
     importance-weighted bound over ``num_samples`` particles, with VIMCO
-    signals for score-function sites).
+    signals for score-function sites). ``checked``: raise a ``ModelError`` naming
+    the site and the parameter when a distribution's parameters violate its
+    constraints (``jax.experimental.checkify``; slower). Unchecked, such a call
+    returns NaN values and NaN gradients, never plausible numbers.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
@@ -235,4 +254,5 @@ def compile(model_or_graph: Model | Graph, passes: Any = "auto", *, baseline: An
       >>> grads["mu"].shape
       ()
     """
-    return Objective(model_or_graph, passes=passes, baseline=baseline, order=order, objective=objective)
+    return Objective(model_or_graph, passes=passes, baseline=baseline, order=order, objective=objective,
+                     checked=checked)

@@ -24,7 +24,7 @@ import numpyro.distributions as dist
 
 from scg import _jax
 from scg.errors import ModelError
-from scg.ir import Cost, DistSpec, Equation, Graph, Literal, LogProb, Plate, Site, Var, eliminate_dead_code
+from scg.ir import Check, Cost, DistSpec, Equation, Graph, Literal, LogProb, Plate, Site, Var, eliminate_dead_code
 
 # --- the trace context ---------------------------------------------------------------------------
 
@@ -466,10 +466,13 @@ class _JaxprReader:
                     name=spec.name, dist=spec.dist, inputs=tuple(inputs), output=outputs[0], source=spec.source,
                     key_name=spec.name, plates=spec.plates, discrete=spec.discrete, enumerable=spec.enumerable,
                     reparameterizable=spec.reparameterizable))
+                self.nodes.append(Check(f"site {spec.name!r}", spec.dist, tuple(inputs), spec.source))
             elif prim is _jax.log_prob_p:
                 spec = eqn.params["spec"]
                 self.nodes.append(LogProb(dist=spec.dist, dist_inputs=tuple(inputs[:-1]), value=inputs[-1],
                                           output=outputs[0], source=spec.source))
+                self.nodes.append(Check(f"scg.log_prob({spec.dist.name})", spec.dist, tuple(inputs[:-1]),
+                                        spec.source))
             elif prim is _jax.cost_p:
                 spec = eqn.params["spec"]
                 # the cost primitive is the identity: its output is its input

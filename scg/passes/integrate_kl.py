@@ -34,7 +34,7 @@ from numpyro.distributions import kl_divergence
 
 from scg import _jax
 from scg.passes import _kl as _registers_missing_kl_rules  # noqa: F401
-from scg.ir import Cost, Equation, Graph, Literal, LogProb, Site, Var, eliminate_dead_code, splice
+from scg.ir import Check, Cost, Equation, Graph, Literal, LogProb, Site, Var, eliminate_dead_code, splice
 from scg.passes._common import Checks, candidate_sites
 from scg.passes.certificate import Certificate
 from scg.trace import emit
@@ -64,7 +64,7 @@ def _nonlinear_use(graph: Graph, start: Var, z_reach: frozenset) -> str | None:
         used = [k for k, a in enumerate(n.inputs) if isinstance(a, Var) and a in term_vars]
         if not used:
             continue
-        if isinstance(n, Cost):
+        if isinstance(n, (Cost, Check)):
             continue
         if not isinstance(n, Equation):
             return f"it is an operand of {'site ' + repr(n.name) if isinstance(n, Site) else 'a log density'}"
