@@ -123,15 +123,10 @@ def parallel_plates(graph: Graph, site: Site) -> int:
     if not site.plates:
         return 0
     names = {p.name for p in site.plates}
-    downstream_sites = [s for s in graph.sites if s is not site and site.name in _ancestors_of_site(graph, s)]
+    downstream_sites = [s for s in graph.sites if s is not site and site.name in graph.stochastic_ancestors(s)]
     downstream_costs = [c for c in graph.costs if c.name in graph.downstream_costs[site.name]]
     inside = all(names <= {p.name for p in n.plates} for n in (*downstream_sites, *downstream_costs))
     return len(site.plates) if inside else 0
-
-
-def _ancestors_of_site(graph: Graph, site: Site) -> frozenset:
-    table = graph._stochastic_ancestry
-    return frozenset().union(*(table.get(a, frozenset()) for a in site.inputs if isinstance(a, Var)))
 
 
 def check_budget(graph: Graph, sites: list[Site], order: int, budget: int, what: str, *,

@@ -105,6 +105,8 @@ class Site:
     ``enumerated``: summed over exactly (weighted by its probabilities) rather than sampled.
     ``key_name``: the name the site's random key is derived from (a pass that
     rewrites a site keeps the original name, so the same key gives the same value).
+    ``step``: for a site unrolled from step ``t`` of a scan, ``t`` (its key is
+    the scan site's key folded with ``t``, so the unrolled graph draws the same values).
     """
 
     name: str
@@ -119,6 +121,7 @@ class Site:
     reparameterizable: bool = False
     reparameterized: bool = False
     enumerated: bool = False
+    step: int | None = None
 
     @property
     def outputs(self) -> tuple:
@@ -196,7 +199,46 @@ class Check:
         return dataclasses.replace(self, **changes)
 
 
-Node = Union[Equation, Site, LogProb, Cost, Check]
+@dataclass(frozen=True, eq=False)
+class Scan:
+    """``jax.lax.scan`` over a body that holds sites or costs.
+
+    ``body`` is a Graph with no parameters whose ``inputs`` are the body's
+    operands: ``num_consts`` loop-invariant values, ``num_carry`` carried
+    values, then one slice of each scanned array; ``body_outputs`` are its
+    results: the new carry, then one slice of each stacked output. ``inputs``
+    and ``outputs`` are the outer operands and results in the same order.
+
+    A site ``"z"`` of the body is one stacked site with a leading time axis:
+    step ``t`` draws from a key derived from the objective's key, the site's
+    name and ``t``; its value at step ``t`` reaches the costs of step ``t`` it
+    feeds and, when it flows into the carry, the costs of every later step.
+    """
+
+    name: str  # "scan@file:line": how the estimator and the printer refer to the loop
+    body: "Graph"
+    body_outputs: tuple
+    inputs: tuple
+    outputs: tuple
+    length: int
+    reverse: bool
+    num_consts: int
+    num_carry: int
+    source: str | None = None
+
+    def replace(self, **changes) -> "Scan":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def carry_inputs(self) -> tuple:
+        return self.body.inputs[self.num_consts:self.num_consts + self.num_carry]
+
+    @property
+    def carry_outputs(self) -> tuple:
+        return self.body_outputs[:self.num_carry]
+
+
+Node = Union[Equation, Site, LogProb, Cost, Check, Scan]
 
 
 @dataclass(frozen=True, eq=False)
@@ -245,6 +287,15 @@ class Graph:
     @functools.cached_property
     def costs(self) -> tuple:
         return tuple(n for n in self.nodes if isinstance(n, Cost))
+
+    @functools.cached_property
+    def scans(self) -> tuple:
+        return tuple(n for n in self.nodes if isinstance(n, Scan))
+
+    @functools.cached_property
+    def stochastic_nodes(self) -> tuple:
+        """Sites and scans (a scan's sites count as one stochastic node of the outer graph), in order."""
+        return tuple(n for n in self.nodes if isinstance(n, (Site, Scan)))
 
     def site(self, name: str) -> Site:
         for s in self.sites:
@@ -300,21 +351,40 @@ class Graph:
 
     @functools.cached_property
     def _stochastic_ancestry(self) -> dict:
-        """Maps each Var to the frozenset of site names it depends on."""
+        """Maps each Var to a bitset (a Python int) of the stochastic nodes it depends on.
+
+        Bit ``k`` is ``self.stochastic_nodes[k]``. One sweep in topological order;
+        a union is one ``|`` of machine words, so the query stays linear in the
+        graph for chains of thousands of sites.
+        """
         table: dict = {}
-        empty: frozenset = frozenset()
+        bit = {id(n): 1 << k for k, n in enumerate(self.stochastic_nodes)}
         for n in self.nodes:
-            deps = frozenset().union(*(table.get(a, empty) for a in n.inputs if isinstance(a, Var)))
-            if isinstance(n, Site):
-                deps = deps | {n.name}
+            deps = 0
+            for a in n.inputs:
+                if isinstance(a, Var):
+                    deps |= table.get(a, 0)
+            deps |= bit.get(id(n), 0)
             for v in n.outputs:
                 table[v] = deps
         return table
 
-    def stochastic_ancestors(self, cost: Cost) -> tuple:
-        """The names of the sites ``cost`` depends on, in program order."""
-        deps = self._stochastic_ancestry.get(cost.input, frozenset()) if isinstance(cost.input, Var) else frozenset()
-        return tuple(s.name for s in self.sites if s.name in deps)
+    def _names_of_bits(self, bits: int) -> tuple:
+        names, k = [], 0
+        while bits:
+            if bits & 1:
+                names.append(self.stochastic_nodes[k].name)
+            bits >>= 1
+            k += 1
+        return tuple(names)
+
+    def stochastic_ancestors(self, node: Any) -> tuple:
+        """The names of the sites (and scans) a cost — or any node's inputs — depend on, in program order."""
+        bits = 0
+        for a in node.inputs:
+            if isinstance(a, Var):
+                bits |= self._stochastic_ancestry.get(a, 0)
+        return self._names_of_bits(bits)
 
     @functools.cached_property
     def downstream_costs(self) -> dict:
@@ -325,7 +395,7 @@ class Graph:
         operands (a site whose distribution depends on ``z`` makes its own value, and
         so its costs, depend on ``z``). Only these costs multiply ``z``'s score term.
         """
-        table = {s.name: [] for s in self.sites}
+        table = {s.name: [] for s in self.stochastic_nodes}
         for c in self.costs:
             for name in self.stochastic_ancestors(c):
                 table[name].append(c.name)
@@ -389,6 +459,8 @@ def _node_label(n: Node) -> str:
         return f"log_prob of {n.dist.name}"
     if isinstance(n, Check):
         return f"check of {n.subject}"
+    if isinstance(n, Scan):
+        return n.name
     return f"equation {n.primitive.name!r}"
 
 
@@ -415,7 +487,8 @@ def _param_str(key: str, value: Any) -> str | None:
 def _names_for(graph: Graph) -> Callable[[Atom], str]:
     names: dict = {}
     letters = (a + b for a in ("",) + tuple("abcdefghijklmnopqrstuvwxyz") for b in "abcdefghijklmnopqrstuvwxyz")
-    reserved = {s.name for s in graph.sites} | {s.key_name for s in graph.sites}
+    sites = _all_sites(graph)
+    reserved = {s.name for s in sites} | {s.key_name for s in sites}
 
     def name(a: Atom) -> str:
         if isinstance(a, Literal):
@@ -431,13 +504,73 @@ def _names_for(graph: Graph) -> Callable[[Atom], str]:
             names[a] = n
         return names[a]
 
-    for s in graph.sites:
+    for s in sites:
         names[s.output] = s.name
     return name
 
 
+def _all_sites(graph: Graph) -> list:
+    out, stack = [], [graph]
+    while stack:
+        g = stack.pop()
+        out.extend(g.sites)
+        stack.extend(s.body for s in g.scans)
+    return out
+
+
+def _rows(graph: Graph, name: Callable, indent: str) -> list:
+    typed = lambda v: f"{name(v)}:{_type_str(v.shape, v.dtype)}"
+    args_of = lambda dist, atoms: ", ".join(f"{k}={name(a)}" for k, a in sorted(zip(dist.leaf_names, atoms),
+                                                                               key=lambda t: t[0]))
+    rows: list[tuple[str, str]] = []
+    for n in graph.nodes:
+        src = n.source or ""
+        if isinstance(n, Equation):
+            params = [p for p in (_param_str(k, v) for k, v in n.params.items()) if p]
+            head = n.primitive.name + (f"[{' '.join(params)}]" if params else "")
+            outs = " ".join(typed(v) for v in n.outputs)
+            rows.append((f"{indent}{outs} = {head} {' '.join(name(a) for a in n.inputs)}", src))
+        elif isinstance(n, Site):
+            tags = []
+            if n.reparameterized:
+                tags.append("reparameterized")
+            if n.enumerated:
+                tags.append("enumerated")
+            if n.plates:
+                tags.append("plates=" + ",".join(p.name for p in n.plates))
+            if n.step is not None:
+                tags.append(f"step {n.step}")
+            kind = "discrete" if n.discrete else "continuous"
+            tag = f"  [{kind}{', ' if tags else ''}{', '.join(tags)}]"
+            rows.append((f"{indent}{typed(n.output)} ~ {n.dist.name}({args_of(n.dist, n.inputs)}){tag}", src))
+        elif isinstance(n, LogProb):
+            rows.append((f"{indent}{typed(n.output)} = log_prob {n.dist.name}({args_of(n.dist, n.dist_inputs)}) "
+                         f"at {name(n.value)}", src))
+        elif isinstance(n, Check):
+            rows.append((f"{indent}check  {n.dist.name}({args_of(n.dist, n.inputs)}) is valid  [{n.subject}]", src))
+        elif isinstance(n, Cost):
+            plates = f"  [plates={','.join(p.name for p in n.plates)}]" if n.plates else ""
+            rows.append((f"{indent}cost {n.name!r} += sum({name(n.input)}){plates}", src))
+        elif isinstance(n, Scan):
+            outs = " ".join(typed(v) for v in n.outputs)
+            head = f"scan[length={n.length}{' reverse' if n.reverse else ''}]"
+            rows.append((f"{indent}{outs} = {head} {' '.join(name(a) for a in n.inputs)}", src))
+            k, c = n.num_consts, n.num_carry
+            groups = (("consts", n.body.inputs[:k]), ("carry", n.body.inputs[k:k + c]), ("xs", n.body.inputs[k + c:]))
+            listing = "  ".join(f"{label} {' '.join(typed(v) for v in vs)}" for label, vs in groups if vs)
+            rows.append((f"{indent}  body {listing}:", ""))
+            rows.extend((f"{indent}    const  {typed(v)}", "") for v, _ in n.body.consts)
+            rows.extend(_rows(n.body, name, indent + "    "))
+            rows.append((f"{indent}    return {' '.join(name(a) for a in n.body_outputs)}", ""))
+    return rows
+
+
 def format_graph(graph: Graph) -> str:
-    """A jaxpr-like listing of the graph, with site and cost names and the user's source lines."""
+    """A jaxpr-like listing of the graph, with site and cost names and the user's source lines.
+
+    Scan bodies are listed nested under their scan, with their operands
+    (consts, carry, one slice of each scanned array) and results.
+    """
     name = _names_for(graph)
     typed = lambda v: f"{name(v)}:{_type_str(v.shape, v.dtype)}"
     rows: list[tuple[str, str]] = []
@@ -447,37 +580,12 @@ def format_graph(graph: Graph) -> str:
         rows.append((f"input  {typed(v)} = {path}", ""))
     for v, value in graph.consts:
         rows.append((f"const  {typed(v)}", ""))
-    for n in graph.nodes:
-        src = n.source or ""
-        if isinstance(n, Equation):
-            params = [p for p in (_param_str(k, v) for k, v in n.params.items()) if p]
-            head = n.primitive.name + (f"[{' '.join(params)}]" if params else "")
-            outs = " ".join(typed(v) for v in n.outputs)
-            rows.append((f"{outs} = {head} {' '.join(name(a) for a in n.inputs)}", src))
-        elif isinstance(n, Site):
-            args = ", ".join(f"{k}={name(a)}" for k, a in sorted(zip(n.dist.leaf_names, n.inputs), key=lambda t: t[0]))
-            tags = []
-            if n.reparameterized:
-                tags.append("reparameterized")
-            if n.enumerated:
-                tags.append("enumerated")
-            if n.plates:
-                tags.append("plates=" + ",".join(p.name for p in n.plates))
-            kind = "discrete" if n.discrete else "continuous"
-            tag = f"  [{kind}{', ' if tags else ''}{', '.join(tags)}]"
-            rows.append((f"{typed(n.output)} ~ {n.dist.name}({args}){tag}", src))
-        elif isinstance(n, LogProb):
-            args = ", ".join(f"{k}={name(a)}" for k, a in sorted(zip(n.dist.leaf_names, n.dist_inputs), key=lambda t: t[0]))
-            rows.append((f"{typed(n.output)} = log_prob {n.dist.name}({args}) at {name(n.value)}", src))
-        elif isinstance(n, Check):
-            args = ", ".join(f"{k}={name(a)}" for k, a in sorted(zip(n.dist.leaf_names, n.inputs), key=lambda t: t[0]))
-            rows.append((f"check  {n.dist.name}({args}) is valid  [{n.subject}]", src))
-        elif isinstance(n, Cost):
-            plates = f"  [plates={','.join(p.name for p in n.plates)}]" if n.plates else ""
-            rows.append((f"cost {n.name!r} += sum({name(n.input)}){plates}", src))
+    rows.extend(_rows(graph, name, ""))
     width = min(max((len(r[0]) for r in rows), default=0), 72)
     body = "\n".join(f"  {text:<{width}}  # {src}" if src else f"  {text}" for text, src in rows)
-    header = f"graph {graph.name} ({len(graph.sites)} sites, {len(graph.costs)} costs)"
+    n_sites, n_scans = len(graph.sites), len(graph.scans)
+    loops = f", {n_scans} scan{'s' if n_scans > 1 else ''}" if n_scans else ""
+    header = f"graph {graph.name} ({n_sites} sites, {len(graph.costs)} costs{loops})"
     return f"{header}\n{body}"
 
 
@@ -493,7 +601,7 @@ def substitute(nodes: Iterable[Node], mapping: dict) -> list:
             out.append(n)
         elif isinstance(n, Equation):
             out.append(n.replace(inputs=tuple(map(sub, n.inputs))))
-        elif isinstance(n, (Site, Check)):
+        elif isinstance(n, (Site, Check, Scan)):
             out.append(n.replace(inputs=tuple(map(sub, n.inputs))))
         elif isinstance(n, LogProb):
             out.append(n.replace(dist_inputs=tuple(map(sub, n.dist_inputs)), value=sub(n.value)))
@@ -513,7 +621,7 @@ def eliminate_dead_code(graph: Graph) -> Graph:
     live: set = set()
     keep = []
     for n in reversed(graph.nodes):
-        if isinstance(n, (Site, Cost, Check)) or any(v in live for v in n.outputs):
+        if isinstance(n, (Site, Cost, Check, Scan)) or any(v in live for v in n.outputs):
             keep.append(n)
             live.update(a for a in n.inputs if isinstance(a, Var))
     used_consts = tuple((v, c) for v, c in graph.consts if v in live)
