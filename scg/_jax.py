@@ -158,6 +158,30 @@ def inline_body(eqn: Any) -> tuple[Jaxpr, list] | None:
     return sub, []
 
 
+# --- loops and branches holding sites -------------------------------------------------------------
+# `scan` (and everything that lowers to it: fori_loop with a static trip count, map) is read into a
+# Scan node. Default for any other primitive holding an scg primitive: refused, with the reasons
+# below where scg knows them.
+CONTROL_FLOW_REFUSALS = {
+    "while": "JAX cannot reverse-differentiate a while_loop, so no gradient estimator exists for sites in it. "
+             "Give the loop a static trip count (jax.lax.fori_loop with Python-int bounds, or jax.lax.scan) "
+             "and stop early with jnp.where inside the body.",
+    "cond": "a site in one branch of jax.lax.cond / switch would be drawn on some paths only, which scg's "
+            "estimators do not support. Sample the site unconditionally before the branch and select its use "
+            "with jnp.where (the same distribution of the value, an unbiased estimator), or sample a site in "
+            "every branch with the same name outside the cond.",
+}
+
+
+def scan_parts(eqn: Any) -> tuple | None:
+    """``(body jaxpr, body consts, length, reverse, num_consts, num_carry)`` of a scan equation, else None."""
+    if eqn.primitive.name != "scan":
+        return None
+    closed = eqn.params["jaxpr"]
+    return (closed.jaxpr, list(closed.consts), int(eqn.params["length"]), bool(eqn.params["reverse"]),
+            int(eqn.params["num_consts"]), int(eqn.params["num_carry"]))
+
+
 # --- derivatives: primitives whose derivative is zero or undefined almost everywhere ------------
 # Default: differentiable when every output is floating (an integer or boolean output has no
 # useful derivative whatever the primitive is called).

@@ -40,8 +40,8 @@ from jax import lax
 
 from scg import integrate
 from scg.errors import ModelError
-from scg.interpreter import initial_env, read, validity_factor, walk
-from scg.ir import Graph, Site
+from scg.interpreter import Draw, initial_env, read, validity_factor, walk
+from scg.ir import Graph, Scan, Site, Var
 from scg.plates import align, per_example
 
 
@@ -72,25 +72,72 @@ class ParticleEstimate(NamedTuple):
     costs: dict
 
 
-def score_sites(graph: Graph) -> tuple:
-    """Sites that contribute a score term: sampled (not reparameterized, not enumerated), θ-dependent."""
+def score_sites(graph: Graph, *, every_sampled: bool = False) -> tuple:
+    """Sites that contribute a score term: sampled (not reparameterized, not enumerated), θ-dependent.
+
+    ``every_sampled``: skip the θ-dependence test (a scan body sees the
+    parameters only through its operands, so every sampled site of a body is
+    scored; a site whose density does not depend on θ adds an exactly zero term).
+    """
     dependent = graph.param_dependent_sites
-    return tuple(s for s in graph.sites if not s.reparameterized and not s.enumerated and s.name in dependent)
+    return tuple(s for s in graph.sites if not s.reparameterized and not s.enumerated
+                 and (every_sampled or s.name in dependent))
 
 
 def _logp_key(name: str) -> tuple:
     return ("scg.logp", name)
 
 
-def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = integrate.DEFAULT_ORDER,
-                      checked: bool = False) -> ParticleEstimate:
-    """Walks the graph once: samples each site, integrates enumerated ones, builds the surrogate."""
-    scored = {s.name: s for s in score_sites(graph)}
+def _scan_key(name: str) -> tuple:
+    return ("scg.scan", name)
+
+
+class ScanTerms(NamedTuple):
+    """What a loop contributes to its enclosing graph, summed over its steps.
+
+    surrogate: ``Σ_t Σ_c c_t · ⊡(log-densities cost c_t meets)`` (value = ``loss``).
+    loss: ``Σ_t Σ_c c_t``.
+    log_density: ``Σ_t Σ_z log p(z_t)`` over the loop's score sites: the exponent
+      an enclosing cost that reads the loop's results meets.
+    """
+
+    surrogate: jax.Array
+    loss: jax.Array
+    log_density: jax.Array
+
+
+def _draw_key(key: jax.Array, site: Site, steps: tuple) -> jax.Array:
+    """``fold_in(site_key(key, name), t)`` for every enclosing loop step ``t`` (none outside loops)."""
+    k = site_key(key, site.key_name)
+    for t in (*steps, *site.steps):
+        k = jax.random.fold_in(k, t)
+    return k
+
+
+def _carry_dependent(body: Graph, carry_inputs: tuple) -> set:
+    """The Vars of a loop body computed from the carried values (through sites and nested loops)."""
+    reached = set(carry_inputs)
+    for n in body.nodes:
+        if any(isinstance(a, Var) and a in reached for a in n.inputs):
+            reached.update(n.outputs)
+    return reached
+
+
+def _walk_estimate(graph: Graph, env: dict, key: jax.Array, *, steps: tuple, order: int, checked: bool,
+                   finish: Callable, every_sampled: bool = False) -> Any:
+    """One walk that samples every site, integrates enumerated ones, runs loops, then calls ``finish``.
+
+    ``finish(env, scored, exponent_of)``: ``exponent_of(node, plates)`` is the sum
+    of the log densities of the score sites and loops ``node`` (a cost or a loop)
+    depends on, aligned to ``plates`` — the argument of DiCE's ⊡ for that node.
+    """
+    scored = {s.name: s for s in score_sites(graph, every_sampled=every_sampled)}
+    loops = {s.name: s for s in graph.scans}
 
     def on_site(site: Site, distribution: Any, env: dict, continue_with: Callable):
         if site.enumerated:
             return integrate.integrate_site(site, distribution, continue_with, order)
-        k = site_key(key, site.key_name)
+        k = _draw_key(key, site, steps)
         if site.reparameterized:
             value = distribution.rsample(k)
         else:
@@ -106,22 +153,119 @@ def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = i
                     "of the distribution, not event dimensions (do not .to_event() them)", site=site.name,
                     source=site.source)
             extra[_logp_key(site.name)] = per_example(log_density, site.plates)
-        return continue_with(value, extra)
+        return Draw(value, extra)
 
-    def on_end(env: dict) -> ParticleEstimate:
-        surrogate = jnp.zeros(())
-        loss = jnp.zeros(())
-        cost_terms = {}
-        valid = validity_factor(env)  # NaN when a distribution's parameters violate its constraints
-        for c in graph.costs:
-            term = per_example(read(env, c.input), c.plates) * valid.astype(c.input.dtype)
-            cost_terms[c.name] = (term, c.plates)
-            exponent = jnp.zeros(())
-            for name in graph.stochastic_ancestors(c):
-                if name in scored:
-                    exponent = exponent + align(env[_logp_key(name)], scored[name].plates, c.plates)
-            surrogate = surrogate + jnp.sum(term * magic_box(exponent))
-            loss = loss + jnp.sum(term)
+    def on_scan(node: Scan, operands: list, env: dict):
+        results, terms = _run_scan(node, operands, key, steps=steps, order=order, checked=checked)
+        return results, {_scan_key(node.name): terms, _logp_key(node.name): terms.log_density}
+
+    def exponent_of(env: dict, node: Any, plates: tuple) -> jax.Array:
+        exponent = jnp.zeros(())
+        for name in graph.stochastic_ancestors(node):
+            if name in scored:
+                exponent = exponent + align(env[_logp_key(name)], scored[name].plates, plates)
+            elif name in loops:
+                exponent = exponent + align(env[_logp_key(name)], (), plates)
+        return exponent
+
+    return walk(graph, env, on_site=on_site, on_scan=on_scan, checked=checked,
+                on_end=lambda env: finish(env, scored, lambda node, plates: exponent_of(env, node, plates)))
+
+
+def _cost_terms(graph: Graph, env: dict) -> dict:
+    """``{cost name: (per-example term, plates)}``; NaN everywhere when a parameter check failed."""
+    valid = validity_factor(env)
+    return {c.name: (per_example(read(env, c.input), c.plates) * valid.astype(c.input.dtype), c.plates)
+            for c in graph.costs}
+
+
+def _surrogate(graph: Graph, env: dict, cost_terms: dict, exponent_of: Callable,
+               extra_exponent: Callable = lambda node: 0.0) -> tuple[jax.Array, jax.Array]:
+    """``(Σ_j c_j·⊡(exponent_j), Σ_j c_j)`` over the graph's costs and loops."""
+    surrogate, loss = jnp.zeros(()), jnp.zeros(())
+    for c in graph.costs:
+        term, plates = cost_terms[c.name]
+        surrogate = surrogate + jnp.sum(term * magic_box(exponent_of(c, plates) + extra_exponent(c)))
+        loss = loss + jnp.sum(term)
+    for node in graph.scans:
+        terms = env[_scan_key(node.name)]
+        surrogate = surrogate + terms.surrogate * magic_box(exponent_of(node, ()) + extra_exponent(node))
+        loss = loss + terms.loss
+    return surrogate, loss
+
+
+def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order: int,
+              checked: bool) -> tuple[list, ScanTerms]:
+    r"""Runs a loop holding sites with ``lax.scan``: one walk of the body per step.
+
+    Approximates
+        the loop's share of ``∇_θ E[Σ costs]``.
+    With
+        DiCE's cumulative form over time: a cost of step ``t`` meets the log
+        densities of the step-``t`` sites it depends on and, when it reads the
+        carry, ``Λ_{t-1} = Σ_{s<t} Σ_{z→carry} log p(z_s)``, the log densities
+        of every earlier site whose value flowed into the carry (reward-to-go:
+        a site's score meets only the costs of its own step and of later steps).
+        ``Λ`` is carried beside the loop's own carry.
+    Requires
+        no enumerated sites in the body. Dependencies through the carry are
+        tracked for the carry as a whole (any carried value that depends on a
+        site counts for every cost that reads any carried value): a sound
+        over-approximation — extra terms have mean zero — that loses no
+        variance on chains with a single carried state.
+    """
+    body = node.body
+    if any(s.enumerated for s in body.sites):
+        raise ModelError(f"{node.name}: enumerated sites inside a loop are not supported; enumerate sites "
+                         "outside loops, or leave the loop's sites sampled", source=node.source)
+    k, c = node.num_consts, node.num_carry
+    consts, init, xs = operands[:k], operands[k:k + c], operands[k + c:]
+    from_carry = _carry_dependent(body, node.carry_inputs)
+    reads_carry = lambda n: any(isinstance(a, Var) and a in from_carry for a in n.inputs)
+    into_carry = set()
+    for a in node.carry_outputs:
+        if isinstance(a, Var):
+            into_carry.update(body.stochastic_ancestors(_Reads((a,))))
+
+    def step(carry_aug, step_inputs):
+        carry, carried_logp = carry_aug
+        t, xs_t = step_inputs
+        env = initial_env(body, [], [*consts, *carry, *xs_t])
+
+        def finish(env, scored, exponent_of):
+            cost_terms = _cost_terms(body, env)
+            surrogate, loss = _surrogate(body, env, cost_terms, exponent_of,
+                                         lambda n: carried_logp if reads_carry(n) else 0.0)
+            logp = {name: align(env[_logp_key(name)], scored[name].plates if name in scored else (), ())
+                    for name in (*scored, *(s.name for s in body.scans))}
+            step_logp = sum(logp.values(), jnp.zeros(()))
+            new_logp = carried_logp + sum((logp[n] for n in into_carry if n in logp), jnp.zeros(()))
+            results = [read(env, a) for a in node.body_outputs]
+            return results, surrogate, loss, step_logp, new_logp
+
+        results, surrogate, loss, step_logp, new_logp = _walk_estimate(
+            body, env, key, steps=(*steps, t), order=order, checked=checked, finish=finish, every_sampled=True)
+        return (results[:c], new_logp), (results[c:], surrogate, loss, step_logp)
+
+    zero = jnp.zeros(())
+    (final, _), (ys, surrogates, losses, log_densities) = lax.scan(
+        step, (list(init), zero), (jnp.arange(node.length), list(xs)), length=node.length, reverse=node.reverse)
+    return [*final, *ys], ScanTerms(jnp.sum(surrogates), jnp.sum(losses), jnp.sum(log_densities))
+
+
+class _Reads(NamedTuple):
+    """A stand-in node that reads ``inputs`` (for ancestry queries about a set of Vars)."""
+
+    inputs: tuple
+
+
+def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = integrate.DEFAULT_ORDER,
+                      checked: bool = False) -> ParticleEstimate:
+    """Walks the graph once: samples each site, integrates enumerated ones, runs loops, builds the surrogate."""
+
+    def finish(env, scored, exponent_of) -> ParticleEstimate:
+        cost_terms = _cost_terms(graph, env)
+        surrogate, loss = _surrogate(graph, env, cost_terms, exponent_of)
         score_factors, downstream, log_densities = {}, {}, {}
         for name, site in scored.items():
             logp = env[_logp_key(name)]
@@ -132,10 +276,13 @@ def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = i
                 q = q + align(lax.stop_gradient(term), plates, site.plates)
             downstream[name] = q
             log_densities[name] = logp
+        for node in graph.scans:  # a loop joins the IWAE weights as one more cost and one more density
+            log_densities[node.name] = env[_logp_key(node.name)]
         costs = {name: term for name, (term, _) in cost_terms.items()}
+        costs.update({node.name: env[_scan_key(node.name)].loss for node in graph.scans})
         return ParticleEstimate(surrogate, loss, score_factors, downstream, log_densities, costs)
 
-    return walk(graph, env, on_site=on_site, on_end=on_end, checked=checked)
+    return _walk_estimate(graph, env, key, steps=(), order=order, checked=checked, finish=finish)
 
 
 # --- combining particles: the ELBO-style surrogate with baselines, or the IWAE / VIMCO bound -------
@@ -168,13 +315,15 @@ def importance_weighted(graph: Graph, estimates: ParticleEstimate) -> tuple[jax.
     plates = _common_plates(graph)
     log_w = -sum(align(c, cost.plates, plates) for c, cost in
                  ((estimates.costs[cost.name], cost) for cost in graph.costs))
+    for node in graph.scans:
+        log_w = log_w - align(estimates.costs[node.name], (), plates)
     k = log_w.shape[0]
     bound = jax.nn.logsumexp(log_w, axis=0) - jnp.log(k)
     loss = -jnp.sum(bound)
     surrogate = loss
     if estimates.log_densities:
-        sites = {s.name: s for s in graph.sites}
-        log_q = sum(align(lp, sites[n].plates, plates) for n, lp in estimates.log_densities.items())
+        site_plates = {s.name: s.plates for s in graph.sites}
+        log_q = sum(align(lp, site_plates.get(n, ()), plates) for n, lp in estimates.log_densities.items())
         if k == 1:  # L_1 is the ELBO: the plain score signal, with no other particle to lean on
             return surrogate + jnp.sum(lax.stop_gradient(-bound) * (log_q - lax.stop_gradient(log_q))), loss
         mean_others = (jnp.sum(log_w, 0, keepdims=True) - log_w) / (k - 1)

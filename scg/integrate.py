@@ -36,6 +36,7 @@ from scg.errors import BudgetError, IntractableError
 from scg.interpreter import initial_env, read, validity_factor, walk
 from scg.ir import Graph, Site, Var
 from scg.plates import align, per_example
+from scg.unroll import unroll
 
 DEFAULT_ORDER = 16
 DEFAULT_BUDGET = 2**20
@@ -196,9 +197,31 @@ def integrate_site_per_example(site: Site, distribution: Any, continue_with: Cal
     return out
 
 
+def _unrolled_within_budget(graph: Graph, order: int, budget: int) -> Graph:
+    loops = ", ".join(f"{s.name} (T = {s.length})" for s in graph.scans)
+    # each step adds at least one grid factor of 2: a loop longer than log2(budget) steps cannot fit
+    steps_allowed = max(1, int(math.log2(budget)))
+    try:
+        flat = unroll(graph, max_steps=steps_allowed * max(1, len(graph.scans)))
+        check_budget(flat, list(flat.sites), order, budget, "scg.expectation", per_example=True)
+    except (ValueError, BudgetError) as e:
+        raise BudgetError(
+            f"scg.expectation: the loop {loops} is integrated exactly by unrolling it, and its joint grid over "
+            f"the steps' sites exceeds the budget of {budget:,} points ({e}). Exact references for loops are "
+            "for short chains: shorten T for the check, lower order=..., or raise budget=...",
+            size=getattr(e, "size", None), budget=budget) from None
+    return flat
+
+
 def graph_expectation(graph: Graph, param_leaves: list, input_leaves: list, *,
                       order: int = DEFAULT_ORDER, budget: int = DEFAULT_BUDGET) -> jax.Array:
-    """``E[Σ costs]`` of a Graph on flattened parameters and inputs."""
+    """``E[Σ costs]`` of a Graph on flattened parameters and inputs.
+
+    Loops are unrolled first (:func:`scg.unroll.unroll`): exact for chains whose
+    joint grid fits the budget; a longer one is refused naming its length.
+    """
+    if graph.scans:
+        graph = _unrolled_within_budget(graph, order, budget)
     check_budget(graph, list(graph.sites), order, budget, "scg.expectation", per_example=True)
     env = initial_env(graph, param_leaves, input_leaves)
     n_parallel = {s.name: parallel_plates(graph, s) for s in graph.sites}

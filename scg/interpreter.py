@@ -9,9 +9,16 @@ site it hands control to a *site handler* in continuation-passing style::
 where ``continue_with(value, extra={})`` walks the rest of the graph with the
 site set to ``value`` (and ``extra`` added to the environment: handlers keep
 per-site quantities such as log densities there) and returns what
-``on_end(env)`` returns. A sampling handler calls it
-once; an enumerating handler calls it under ``jax.vmap`` over the support and
-takes the weighted sum. Walking happens at trace time: the compiled function
+``on_end(env)`` returns. An enumerating handler calls it under ``jax.vmap``
+over the support and takes the weighted sum. A sampling handler, which would
+call it once in tail position, returns ``Draw(value, extra)`` instead and the
+walk goes on in the same loop: no Python recursion per site, so a chain of
+thousands of sites walks in constant stack depth (only enumerated and
+integrated sites nest, and their number is bounded by the grid budget).
+
+A ``Scan`` node is handed to ``on_scan(node, operands, env) -> (results,
+extra)``, which runs the loop (the estimator walks the body once per step
+inside ``lax.scan``). Walking happens at trace time: the compiled function
 has no Python per node.
 
 **Check nodes** evaluate numpyro's ``arg_constraints`` of a distribution's
@@ -24,7 +31,7 @@ multiply into everything they return, so an invalid parameter gives NaN values
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpyro.distributions as dist
@@ -32,9 +39,17 @@ from jax.experimental import checkify
 from numpyro.distributions import constraints
 
 from scg import _jax
-from scg.ir import Check, Equation, Graph, Literal, LogProb, Site, Var
+from scg.errors import ModelError
+from scg.ir import Check, Equation, Graph, Literal, LogProb, Scan, Site, Var
 
 VALID = ("scg.valid",)  # env key: the conjunction of every check walked so far
+
+
+class Draw(NamedTuple):
+    """A site handler's answer "the site takes ``value``; go on" (``extra`` joins the environment)."""
+
+    value: Any
+    extra: dict = {}
 
 
 def initial_env(graph: Graph, param_leaves: list, input_leaves: list) -> dict:
@@ -75,8 +90,8 @@ def validity_factor(env: dict, dtype: Any = jnp.float32) -> Any:
     return jnp.where(env.get(VALID, True), jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
 
 
-def walk(graph: Graph, env: dict, *, on_site: Callable, on_end: Callable, start: int = 0,
-         checked: bool = False) -> Any:
+def walk(graph: Graph, env: dict, *, on_site: Callable, on_end: Callable, on_scan: Callable | None = None,
+         start: int = 0, checked: bool = False) -> Any:
     """Evaluates ``graph.nodes[start:]`` in ``env`` (a dict Var -> value, not mutated).
 
     ``checked``: raise (through ``checkify``) on a failed parameter check, besides recording it.
@@ -109,8 +124,21 @@ def walk(graph: Graph, env: dict, *, on_site: Callable, on_end: Callable, start:
                 rest = dict(_env)
                 rest[_site.output] = value
                 rest.update(extra or {})
-                return walk(graph, rest, on_site=on_site, on_end=on_end, start=_next, checked=checked)
+                return walk(graph, rest, on_site=on_site, on_end=on_end, on_scan=on_scan, start=_next,
+                            checked=checked)
 
-            return on_site(node, distribution, env, continue_with)
+            result = on_site(node, distribution, env, continue_with)
+            if not isinstance(result, Draw):
+                return result  # the handler walked the rest of the graph itself
+            env[node.output] = result.value
+            env.update(result.extra)
+        elif isinstance(node, Scan):
+            if on_scan is None:
+                raise ModelError(f"graph {graph.name!r}: this walk cannot run {node.name} (a loop holding sites); "
+                                 "its caller must pass on_scan", source=node.source)
+            outs, extra = on_scan(node, [read(env, a) for a in node.inputs], env)
+            for v, x in zip(node.outputs, outs):
+                env[v] = x
+            env.update(extra)
         # Cost nodes define nothing: on_end reads their inputs from env
     return on_end(env)

@@ -105,8 +105,9 @@ class Site:
     ``enumerated``: summed over exactly (weighted by its probabilities) rather than sampled.
     ``key_name``: the name the site's random key is derived from (a pass that
     rewrites a site keeps the original name, so the same key gives the same value).
-    ``step``: for a site unrolled from step ``t`` of a scan, ``t`` (its key is
-    the scan site's key folded with ``t``, so the unrolled graph draws the same values).
+    ``steps``: for a site unrolled from step ``t`` of a scan, ``(t,)`` (``(t, u)``
+    for nested scans); its key is the scan site's key folded with each step, so
+    the unrolled graph draws the same values as the loop.
     """
 
     name: str
@@ -121,7 +122,7 @@ class Site:
     reparameterizable: bool = False
     reparameterized: bool = False
     enumerated: bool = False
-    step: int | None = None
+    steps: tuple = ()
 
     @property
     def outputs(self) -> tuple:
@@ -487,7 +488,7 @@ def _param_str(key: str, value: Any) -> str | None:
 def _names_for(graph: Graph) -> Callable[[Atom], str]:
     names: dict = {}
     letters = (a + b for a in ("",) + tuple("abcdefghijklmnopqrstuvwxyz") for b in "abcdefghijklmnopqrstuvwxyz")
-    sites = _all_sites(graph)
+    sites = all_sites(graph)
     reserved = {s.name for s in sites} | {s.key_name for s in sites}
 
     def name(a: Atom) -> str:
@@ -509,7 +510,8 @@ def _names_for(graph: Graph) -> Callable[[Atom], str]:
     return name
 
 
-def _all_sites(graph: Graph) -> list:
+def all_sites(graph: Graph) -> list:
+    """The sites of the graph and of every scan body in it, outer first."""
     out, stack = [], [graph]
     while stack:
         g = stack.pop()
@@ -538,8 +540,8 @@ def _rows(graph: Graph, name: Callable, indent: str) -> list:
                 tags.append("enumerated")
             if n.plates:
                 tags.append("plates=" + ",".join(p.name for p in n.plates))
-            if n.step is not None:
-                tags.append(f"step {n.step}")
+            if n.steps:
+                tags.append(f"step {','.join(map(str, n.steps))}")
             kind = "discrete" if n.discrete else "continuous"
             tag = f"  [{kind}{', ' if tags else ''}{', '.join(tags)}]"
             rows.append((f"{indent}{typed(n.output)} ~ {n.dist.name}({args_of(n.dist, n.inputs)}){tag}", src))
@@ -616,9 +618,9 @@ def splice(nodes: Sequence[Node], index: int, new_nodes: Iterable[Node], mapping
     return [*nodes[:index], *new_nodes, *substitute(nodes[index + 1:], mapping)]
 
 
-def eliminate_dead_code(graph: Graph) -> Graph:
-    """Drops deterministic and log-density nodes whose values reach no site, cost or check."""
-    live: set = set()
+def eliminate_dead_code(graph: Graph, keep: Iterable = ()) -> Graph:
+    """Drops deterministic and log-density nodes whose values reach no site, cost, check (or ``keep``)."""
+    live: set = {a for a in keep if isinstance(a, Var)}
     keep = []
     for n in reversed(graph.nodes):
         if isinstance(n, (Site, Cost, Check, Scan)) or any(v in live for v in n.outputs):

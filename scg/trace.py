@@ -24,7 +24,8 @@ import numpyro.distributions as dist
 
 from scg import _jax
 from scg.errors import ModelError
-from scg.ir import Check, Cost, DistSpec, Equation, Graph, Literal, LogProb, Plate, Site, Var, eliminate_dead_code
+from scg.ir import (Check, Cost, DistSpec, Equation, Graph, Literal, LogProb, Plate, Scan, Site, Var,
+                    all_sites, eliminate_dead_code)
 
 # --- the trace context ---------------------------------------------------------------------------
 
@@ -35,7 +36,6 @@ class _TraceState:
         self.site_names: dict[str, str] = {}
         self.cost_names: dict[str, str] = {}
         self.plates: list[Plate] = []
-        self.outputs: list = []  # every site value and cost, returned so the jaxpr keeps them
 
 
 _local = threading.local()
@@ -182,7 +182,9 @@ def sample(name: str, distribution: Any) -> jax.Array:
     if not isinstance(name, str) or not name:
         raise ModelError(f"scg.sample: the site name must be a non-empty string, got {name!r}", source=source)
     _check_distribution("scg.sample", name, distribution)
-    if name in state.site_names:
+    # JAX may trace a loop body twice (to settle the carry's weak types): a name seen again at the
+    # very same line is left to the graph's own duplicate check, which sees the final jaxpr only
+    if name in state.site_names and state.site_names[name] != (source or "?"):
         raise ModelError(
             f"duplicate site name {name!r} (first sampled at {state.site_names[name]}); site names must be "
             "unique within a model: give each scg.sample its own name (e.g. f'z_{i}' in a loop)",
@@ -203,9 +205,7 @@ def sample(name: str, distribution: Any) -> jax.Array:
         enumerable=bool(distribution.has_enumerate_support),
         reparameterizable=bool(distribution.has_rsample))
     state.site_names[name] = source or "?"
-    value = _jax.sample_p.bind(*leaves, spec=site_spec)
-    state.outputs.append(value)
-    return value
+    return _jax.sample_p.bind(*leaves, spec=site_spec)
 
 
 def cost(name: str, value: Any) -> None:
@@ -225,7 +225,7 @@ def cost(name: str, value: Any) -> None:
     source = _caller_source()
     if not isinstance(name, str) or not name:
         raise ModelError(f"scg.cost: the cost name must be a non-empty string, got {name!r}", source=source)
-    if name in state.cost_names:
+    if name in state.cost_names and state.cost_names[name] != (source or "?"):
         raise ModelError(
             f"duplicate cost name {name!r} (first declared at {state.cost_names[name]}); cost names must be "
             "unique within a model", site=name, source=source)
@@ -242,8 +242,7 @@ def cost(name: str, value: Any) -> None:
     plates = tuple(state.plates)
     _check_plates("cost", name, value.shape, plates, source)
     state.cost_names[name] = source or "?"
-    out = _jax.cost_p.bind(jnp.asarray(value), spec=CostSpec(name, source, plates))
-    state.outputs.append(out)
+    _jax.cost_p.bind(jnp.asarray(value), spec=CostSpec(name, source, plates))
 
 
 def log_prob(distribution: Any, value: Any) -> jax.Array:
@@ -383,7 +382,8 @@ class Model:
                     if translated is None:
                         raise
                     raise translated from e
-                return list(state.outputs)
+                # jax.make_jaxpr keeps equations whose results are unused, so nothing needs returning
+                return []
 
             closed = jax.make_jaxpr(flat)([l for _, l in param_leaves], [l for _, l in input_leaves])
         n_params = len(param_leaves)
@@ -460,6 +460,10 @@ class _JaxprReader:
             outputs = [self.fresh(v) for v in eqn.outvars]
             for v, o in zip(eqn.outvars, outputs):
                 self.env[v] = o
+            loop = _jax.scan_parts(eqn)
+            if loop is not None and _jax.scg_primitive_inside(eqn.params):
+                self.nodes.append(self._scan(eqn, loop, inputs, outputs))
+                continue
             if prim is _jax.sample_p:
                 spec = eqn.params["spec"]
                 self.nodes.append(Site(
@@ -483,15 +487,56 @@ class _JaxprReader:
                 self.nodes.append(Equation(prim, dict(eqn.params), tuple(inputs), tuple(outputs),
                                            _jax.equation_source(eqn)))
 
+    def _scan(self, eqn, loop, inputs, outputs) -> Scan:
+        """Reads the body of a ``lax.scan`` holding sites or costs into a nested Graph."""
+        body_jaxpr, body_consts, length, reverse, num_consts, num_carry = loop
+        source = _jax.equation_source(eqn)
+        reader = _JaxprReader(self.model_name)
+        reader.bind_consts(body_jaxpr.constvars, body_consts)
+        body_inputs = [reader.fresh(v) for v in body_jaxpr.invars]
+        for v, b in zip(body_jaxpr.invars, body_inputs):
+            reader.env[v] = b
+        reader.emit(body_jaxpr.eqns)
+        body_outputs = tuple(reader.read(v) for v in body_jaxpr.outvars)
+        labels = ([f"consts[{i}]" for i in range(num_consts)] + [f"carry[{i}]" for i in range(num_carry)]
+                  + [f"xs[{i}]" for i in range(len(body_inputs) - num_consts - num_carry)])
+        name = f"scan@{source}" if source else "scan"
+        taken = {n.name for n in self.nodes if isinstance(n, Scan)}
+        name = name if name not in taken else f"{name}#{len(taken)}"
+        body = Graph(name=f"{self.model_name}/{name}", params=(), params_treedef=None, param_names=(),
+                     inputs=tuple(body_inputs), inputs_treedef=None, input_names=tuple(labels),
+                     consts=tuple(reader.consts), nodes=tuple(reader.nodes))
+        body.validate()
+        body = eliminate_dead_code(body, keep=body_outputs)
+        return Scan(name=name, body=body, body_outputs=body_outputs, inputs=tuple(inputs), outputs=tuple(outputs),
+                    length=length, reverse=reverse, num_consts=num_consts, num_carry=num_carry, source=source)
+
     def _check_higher_order(self, eqn) -> None:
         """Refuses an scg primitive inside a higher-order equation; any other one is an opaque node."""
         inner = _jax.scg_primitive_inside(eqn.params)
+        refusal = _jax.CONTROL_FLOW_REFUSALS.get(eqn.primitive.name)
+        if inner and refusal:
+            raise ModelError(
+                f"model {self.model_name!r}: {_SCG_API[inner]} is called inside `{eqn.primitive.name}`: {refusal}",
+                source=_jax.equation_source(eqn))
         if inner:
             raise ModelError(
                 f"model {self.model_name!r}: {_SCG_API[inner]} is called inside `{eqn.primitive.name}` "
                 f"(e.g. jax.lax.{eqn.primitive.name} or a custom derivative rule); scg cannot see sites or "
-                "costs inside control flow. Unroll the loop in Python or vectorize the sites "
-                "(one site with a batch dimension).", source=_jax.equation_source(eqn))
+                "costs inside this primitive. Move the sample out of it, or write the loop with jax.lax.scan "
+                "(sites inside scan bodies are supported).", source=_jax.equation_source(eqn))
+
+
+def _check_unique_names(graph: Graph) -> None:
+    """Site and cost names are unique across the model, scan bodies included."""
+    seen: dict = {}
+    for site in all_sites(graph):
+        if site.name in seen:
+            raise ModelError(
+                f"duplicate site name {site.name!r} (first sampled at {seen[site.name]}); site names must be "
+                "unique within a model: give each scg.sample its own name (e.g. f'z_{i}' in a Python loop; "
+                "inside jax.lax.scan one name is one stacked site)", site=site.name, source=site.source)
+        seen[site.name] = site.source or "?"
 
 
 def graph_from_jaxpr(name, closed, n_params, params_treedef, param_names, inputs_treedef, input_names) -> Graph:
@@ -507,6 +552,7 @@ def graph_from_jaxpr(name, closed, n_params, params_treedef, param_names, inputs
         inputs=tuple(invars[n_params:]), inputs_treedef=inputs_treedef, input_names=input_names,
         consts=tuple(reader.consts), nodes=tuple(reader.nodes))
     graph.validate()
+    _check_unique_names(graph)
     # distribution constructors leave argument-validation computations nobody reads
     return eliminate_dead_code(graph)
 

@@ -209,15 +209,24 @@ def test_parameters_that_do_not_broadcast():
         m.trace({"m": jnp.array(0.0)}, jnp.zeros(()))
 
 
-def test_sample_inside_scan_is_refused():
+def test_sample_inside_while_loop_is_refused_with_the_reason():
     @scg.model
     def m(p, x):
-        def body(carry, _):
-            return carry + scg.sample("z", dist.Normal(carry, 1.0)), None
+        def body(carry):
+            return carry + scg.sample("z", dist.Normal(carry, 1.0))
 
-        jax.lax.scan(body, p["m"], None, length=3)
+        jax.lax.while_loop(lambda c: c < 3.0, body, p["m"])
 
-    with pytest.raises(scg.ModelError, match=r"scg.sample is called inside `scan`.*Unroll"):
+    with pytest.raises(scg.ModelError, match=r"scg.sample is called inside `while`.*cannot reverse-differentiate"):
+        m.trace({"m": jnp.array(0.0)}, jnp.zeros(()))
+
+
+def test_sample_inside_cond_is_refused_with_what_to_write_instead():
+    @scg.model
+    def m(p, x):
+        jax.lax.cond(x > 0, lambda: scg.sample("z", dist.Normal(p["m"], 1.0)), lambda: p["m"])
+
+    with pytest.raises(scg.ModelError, match=r"inside `cond`.*Sample the site unconditionally.*jnp.where"):
         m.trace({"m": jnp.array(0.0)}, jnp.zeros(()))
 
 
