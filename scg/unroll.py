@@ -21,7 +21,7 @@ def _renamed(node, t: int):
     """A copy of a body node for step ``t``: fresh outputs, names and keys of step ``t``."""
     if isinstance(node, Site):
         return node.replace(name=f"{node.name}[{t}]", output=Var(node.output.shape, node.output.dtype),
-                            steps=(t, *node.steps))
+                            steps=(*node.steps, t))
     if isinstance(node, Cost):
         return node.replace(name=f"{node.name}[{t}]")
     if isinstance(node, Check):
