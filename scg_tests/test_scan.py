@@ -193,3 +193,45 @@ def test_long_loop_exact_reference_is_refused_naming_its_length():
     x = jnp.zeros(40)
     with pytest.raises(scg.BudgetError, match=r"T = 40.*budget"):
         scg.expectation(gaussian_chain, GAUSS, x)
+
+
+@scg.model
+def markov_vae(params, x):
+    # a deep-Markov-model-shaped loop: q(z_t | z_{t-1}, x_t), prior p(z_t | z_{t-1}), sampled KL per step
+    def step(state, x_t):
+        q = dist.Normal(params["a"] * state + params["b"] * x_t, 0.5)
+        z = scg.sample("z", q)
+        scg.cost("kl", scg.log_prob(q, z) - scg.log_prob(dist.Normal(0.9 * state, 1.0), z))
+        scg.cost("fit", (z - x_t) ** 2)
+        return z, None
+
+    jax.lax.scan(step, jnp.zeros(()), x)
+
+
+def test_passes_rewrite_sites_inside_loop_bodies_with_certificates(key):
+    params = {"a": jnp.array(0.5), "b": jnp.array(0.3)}
+    objective = scg.compile(markov_vae)
+    graph, (cert,) = objective.graph_and_certificates(params, X3)
+    assert cert.rewritten == ("z",)
+    assert {p.name for p in cert.preconditions if p.site == "z" and p.held} >= {
+        "enters costs linearly", "differentiable paths to costs", "p does not depend on z"}
+    body = graph.scans[0].body
+    assert [s.name for s in body.sites] == ["z.eps"] and "integrate_kl: KL(z)" in str(graph)
+    # the rewrite preserves E[loss] and its gradient (exactly: the twin is integrated by quadrature)
+    assert cert.verify(params, X3, key=key, order=4).ok
+    report = scg.check_grad(objective, params, X3, key=key, num_samples=2000, order=4)
+    assert report.ok, report
+
+
+def test_a_kink_inside_a_loop_keeps_its_site_score_function():
+    @scg.model
+    def kinked(params, x):
+        def step(state, x_t):
+            z = scg.sample("z", dist.Normal(params["m"] + state, 1.0))
+            scg.cost("hinge", jnp.maximum(z - x_t, 0.0) + (z > 0).astype(jnp.float32))
+            return z, None
+
+        jax.lax.scan(step, jnp.zeros(()), x)
+
+    with pytest.raises(scg.PreconditionError, match=r"'z'.*through `gt`"):
+        scg.passes.reparameterize(kinked.trace({"m": jnp.array(0.1)}, X3), sites=["z"])

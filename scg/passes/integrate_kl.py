@@ -34,7 +34,8 @@ from numpyro.distributions import kl_divergence
 
 from scg import _jax
 from scg.passes import _kl as _registers_missing_kl_rules  # noqa: F401
-from scg.ir import Check, Cost, Equation, Graph, Literal, LogProb, Site, Var, eliminate_dead_code, splice
+from scg.ir import (Check, Cost, Equation, Graph, Literal, LogProb, Scan, Site, Var, all_sites,
+                    eliminate_dead_code, splice)
 from scg.passes._common import Checks, candidate_sites
 from scg.passes.certificate import Certificate
 from scg.trace import emit
@@ -57,8 +58,12 @@ def _is_own(lp: LogProb, site: Site) -> bool:
             and all(_same_atom(a, b) for a, b in zip(lp.dist_inputs, site.inputs)))
 
 
-def _nonlinear_use(graph: Graph, start: Var, z_reach: frozenset) -> str | None:
-    """Why ``start`` does not enter the costs linearly (None when it does)."""
+def _nonlinear_use(graph: Graph, start: Var, z_reach: frozenset, results: frozenset = frozenset()) -> str | None:
+    """Why ``start`` does not enter the costs linearly (None when it does).
+
+    ``results``: in a loop body, the body's results; a term that flows into them leaves the step
+    (into the carry or the stacked outputs), where linearity is not checked, so it is refused.
+    """
     term_vars = {start}
     for i, n in enumerate(graph.nodes):
         used = [k for k, a in enumerate(n.inputs) if isinstance(a, Var) and a in term_vars]
@@ -66,6 +71,8 @@ def _nonlinear_use(graph: Graph, start: Var, z_reach: frozenset) -> str | None:
             continue
         if isinstance(n, (Cost, Check)):
             continue
+        if isinstance(n, Scan):
+            return f"it flows into the loop {n.name}"
         if not isinstance(n, Equation):
             return f"it is an operand of {'site ' + repr(n.name) if isinstance(n, Site) else 'a log density'}"
         name = n.primitive.name
@@ -88,6 +95,8 @@ def _nonlinear_use(graph: Graph, start: Var, z_reach: frozenset) -> str | None:
         else:
             return f"it passes through the nonlinear `{name}`" + (f" at {n.source}" if n.source else "")
         term_vars.update(n.outputs)
+    if term_vars & results:
+        return "it is returned from the loop body (into the carry or the stacked results)"
     return None
 
 
@@ -120,7 +129,7 @@ def _abstract_ok(fn, *abstract_args) -> tuple[bool, str]:
         return False, str(e) or "not implemented"
 
 
-def integrate_kl(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Graph, Certificate]:
+def integrate_kl(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Graph, Certificate]:  # noqa: D417
     """Replaces ``log q(z) − log p(z)`` by ``KL(q‖p)`` and a lone ``log q(z)`` by ``−H(q)``.
 
     Args:
@@ -148,16 +157,28 @@ def integrate_kl(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Grap
       >>> round(float(scg.expectation(new_graph, params, x)), 5)   # 1.25 + KL = 1.25 + 0.125
       1.375
     """
-    candidates, strict = candidate_sites(graph, sites, NAME)
+    return _integrate_kl(graph, sites, frozenset())
+
+
+def _integrate_kl(graph: Graph, sites: Iterable[str] | None, results: frozenset) -> tuple[Graph, Certificate]:
+    """The pass on one graph; ``results`` are a loop body's results (empty outside loops)."""
+    named = None if sites is None else ([sites] if isinstance(sites, str) else list(sites))
+    inside = {s.name for s in all_sites(graph)} - {s.name for s in graph.sites}
+    candidates, strict = candidate_sites(graph, None if named is None else [n for n in named if n not in inside],
+                                         NAME)
     nodes = list(graph.nodes)
     consts = list(graph.consts)
-    records, rewritten, described, identities = [], [], [], set()
+    records, rewritten, described, identities, notes = [], [], [], set(), []
+    integrated_before = {n.source for n in graph.nodes if isinstance(n, Equation) and isinstance(n.source, str)
+                         and n.source.startswith(f"{NAME}:")}
 
     def current_graph() -> Graph:
         return graph.with_nodes(nodes, consts)
 
     for site in candidates:
         if site.enumerated:
+            notes.append(f"{site.name}: skipped, summed exactly by an earlier enumerate pass (no sampled log "
+                         "density to integrate)")
             continue
         g = current_graph()
         site_now = next(n for n in g.sites if n.name == site.name)
@@ -169,6 +190,18 @@ def integrate_kl(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Grap
                 checks.check("log-density term present", False,
                              "no scg.log_prob(..., value) of this site was found; write the sampled KL as "
                              "scg.log_prob(q, z) - scg.log_prob(p, z)")
+            key = site.key_name
+            if site.name == f"{key}.eps":
+                notes.append(f"{site.name}: skipped, it is the noise site an earlier reparameterize put in place of "
+                             f"{key!r}; the scg.log_prob(q, {key}) terms now take the transformed value "
+                             f"{key} = g({site.name}), not a sample of this site's own distribution, so there is no "
+                             "log q of the site to integrate. Run integrate_kl before reparameterize (as "
+                             "passes='auto' does)")
+            elif integrated_before & {f"{NAME}: KL({site.name})", f"{NAME}: -H({site.name})"}:
+                notes.append(f"{site.name}: skipped, its log-density terms were already integrated by an earlier "
+                             "integrate_kl")
+            else:
+                notes.append(f"{site.name}: skipped, no scg.log_prob(..., {site.name}) term of this site in the graph")
             continue
         own = [lp for lp in log_probs if _is_own(lp, site_now)]
         foreign = [lp for lp in log_probs if not _is_own(lp, site_now)]
@@ -207,7 +240,7 @@ def integrate_kl(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Grap
                                   "register one with numpyro.distributions.kl.register_kl" if not ok else
                                   f"KL({q_lp.dist.name}‖{p_lp.dist.name}) is registered")
             if pair_checks.all_held:
-                why = _nonlinear_use(g, sub_node.outputs[0], z_reach)
+                why = _nonlinear_use(g, sub_node.outputs[0], z_reach, results)
                 pair_checks.check("enters costs linearly", why is None,
                                   f"the sampled KL cannot be replaced by its expectation because {why}"
                                   if why else "only linear operations lead to costs")
@@ -243,7 +276,7 @@ def integrate_kl(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Grap
             lone_checks.check("entropy known", ok, f"{q_lp.dist.name}.entropy is not implemented: {why}"
                               if not ok else f"H({q_lp.dist.name}) is known")
             if lone_checks.all_held:
-                why = _nonlinear_use(g, q_lp.output, z_reach)
+                why = _nonlinear_use(g, q_lp.output, z_reach, results)
                 lone_checks.check("enters costs linearly", why is None,
                                   f"log q cannot be replaced by −H(q) because {why}" if why else
                                   "only linear operations lead to costs")
@@ -269,9 +302,20 @@ def integrate_kl(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Grap
             raise_checks.check("log-density term present", False,
                                "no log q(z) − log p(z) term nor lone log q(z) of the site's own distribution "
                                "reaches a cost")
+    for i, n in enumerate(nodes):  # sites inside loop bodies: the same pass on each body
+        if isinstance(n, Scan):
+            body_results = frozenset(a for a in n.body_outputs if isinstance(a, Var))
+            body, cert = _integrate_kl(n.body, named, body_results)
+            if cert.rewritten:
+                nodes[i] = n.replace(body=body)
+                identities.update(i.strip() for i in cert.identity.split(";"))
+            rewritten += cert.rewritten
+            described += cert.nodes
+            records += cert.preconditions
+            notes += cert.notes
     new_graph = graph.replace(nodes=tuple(nodes), consts=tuple(consts))
     if rewritten:
-        new_graph = eliminate_dead_code(new_graph)
+        new_graph = eliminate_dead_code(new_graph, keep=results)
     identity = "; ".join(sorted(identities)) or KL_IDENTITY
     return new_graph, Certificate(NAME, tuple(rewritten), tuple(described), tuple(records), identity,
-                                  before=graph, after=new_graph)
+                                  before=graph, after=new_graph, notes=tuple(notes))
