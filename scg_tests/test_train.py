@@ -4,6 +4,7 @@ checkpoint round trips and refusals, the NaN guard, multi-step dispatch."""
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,7 @@ def test_state_round_trip_and_refusals(tmp_path):
     optimizer = optax.adam(1e-3)
     state = training.init_state(toy_params(), optimizer, jax.random.key(1))
     state = state._replace(epoch=1, step=5, metrics=({"epoch": 1, "train_loss": 0.5, "seconds": 1.0},))
-    path = tmp_path / "ckpt.npz"
+    path = tmp_path / "ckpt"
     training.save_state(path, state, {"lr": 1e-3})
     loaded = training.load_state(path, training.init_state(toy_params(), optimizer, jax.random.key(0)), {"lr": 1e-3})
     assert_trees_equal(loaded.params, state.params)
@@ -113,10 +114,10 @@ def test_state_round_trip_and_refusals(tmp_path):
     # other settings: named setting
     with pytest.raises(CheckpointError, match=r"other settings \(lr: checkpoint 0.001 vs now 0.01\)"):
         training.load_state(path, loaded, {"lr": 1e-2})
-    # corrupted file
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+    # corrupted files
+    for file in (f for f in path.rglob("*") if f.is_file()):
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="ckpt' is corrupted or truncated"):
         training.load_state(path, loaded)
 
 
@@ -166,20 +167,23 @@ def test_nan_guard_names_the_step_and_keeps_the_last_checkpoint(objective, tmp_p
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(objective, tmp_path, monkeypatch):
-    run(objective, tmp_path, epochs=1)
-    before = (tmp_path / training.CHECKPOINT_NAME).read_bytes()
+    first = run(objective, tmp_path, epochs=1)
+    template = training.init_state(toy_params(), optax.adam(0.05), jax.random.key(7))
 
-    def broken_savez(file, *args, **kwargs):
-        file.write(b"partial")
+    def broken_rename(*args, **kwargs):  # orbax's final rename of the complete temporary directory
         raise OSError("disk full")
 
-    monkeypatch.setattr(np, "savez", broken_savez)
+    monkeypatch.setattr(os, "rename", broken_rename)
     with pytest.raises(OSError, match="disk full"):
         run(objective, tmp_path, epochs=2, resume=True)
     monkeypatch.undo()
-    assert (tmp_path / training.CHECKPOINT_NAME).read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.jsonl"]
+    kept = training.load_state(tmp_path / training.CHECKPOINT_NAME, template)
+    assert kept.epoch == 1 and kept.metrics == first.metrics
+    assert_trees_equal(kept.params, first.params)
+    assert_trees_equal(kept.opt_state, first.opt_state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "metrics.jsonl"]
     assert run(objective, tmp_path, epochs=2, resume=True).epoch == 2
+    assert [p.name for p in (tmp_path / training.CHECKPOINT_NAME).iterdir()] == ["2"]  # the leftover is gone
 
 
 def test_steps_per_dispatch_matches_single_steps(objective, tmp_path):

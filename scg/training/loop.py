@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 import scg
-from scg.training.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from scg.training.checkpoint import CheckpointError, atomic_write, load_checkpoint, load_metadata, save_checkpoint
 from scg.datasets import batches as _shuffled_batches
 from scg import ScgError
 
@@ -62,7 +62,7 @@ __all__ = [
     "save_state",
 ]
 
-CHECKPOINT_NAME = "checkpoint.npz"
+CHECKPOINT_NAME = "checkpoint"  # a directory (see scg.training.checkpoint)
 METRICS_NAME = "metrics.jsonl"
 _CHECKPOINT_KIND = "scg.training.TrainState"
 
@@ -259,32 +259,33 @@ def _json_config(config: Mapping[str, Any] | None) -> str:
         raise TypeError(f"fit: config must be JSON-serializable (str, int, float, bool, None, lists): {err}") from err
 
 
-def save_state(path: os.PathLike | str, state: TrainState, config: Mapping[str, Any] | None = None) -> None:
-    """Writes ``state`` (and the run's ``config``) to ``path`` atomically (see :mod:`scg.training.checkpoint`).
+class _Arrays(NamedTuple):
+    """The arrays of a checkpoint, in the order mismatches are looked for (dicts would sort them)."""
 
-    A ``baseline_state`` that is not None is saved too (a state without one
-    writes exactly the file it wrote before stateful baselines existed).
+    params: Any
+    opt_state: Any
+    key: jax.Array
+    baseline_state: Any = None  # None (no leaves) where the baseline keeps no state
+
+
+def save_state(path: os.PathLike | str, state: TrainState, config: Mapping[str, Any] | None = None) -> None:
+    """Writes ``state`` (and the run's ``config``) to the directory ``path`` atomically (see
+    :mod:`scg.training.checkpoint`): the arrays with orbax, epoch, step, metrics and config as JSON.
+
+    The ``baseline_state`` of a stateful baseline is saved too (an ``EmptyState`` or None is not).
     """
-    tree = {
-        "kind": _CHECKPOINT_KIND,
-        "params": state.params,
-        "opt_state": state.opt_state,
-        "key": state.key,
-        "epoch": int(state.epoch),
-        "step": int(state.step),
-        "metrics": json.dumps(list(state.metrics)),
-        "config": _json_config(config),
-    }
-    if _keeps_baseline_state(state.baseline_state):
-        tree["baseline_state"] = state.baseline_state
-    save_checkpoint(path, tree)
+    stateful = _keeps_baseline_state(state.baseline_state)
+    arrays = _Arrays(state.params, state.opt_state, state.key, state.baseline_state if stateful else None)
+    save_checkpoint(path, arrays, {"kind": _CHECKPOINT_KIND, "epoch": int(state.epoch), "step": int(state.step),
+                                 "metrics": list(state.metrics), "config": json.loads(_json_config(config)),
+                                 "baseline_state": stateful})
 
 
 def load_state(path: os.PathLike | str, like: TrainState, config: Mapping[str, Any] | None = None) -> TrainState:
     """Reads a checkpoint written by :func:`save_state`, checked against a template state.
 
     Args:
-      path: the checkpoint file.
+      path: the checkpoint directory.
       like: a state of the same model and optimizer (e.g. :func:`init_state` of
         fresh parameters, with the initial ``baseline_state`` if the objective
         keeps one): every array must match its shape and dtype.
@@ -292,31 +293,30 @@ def load_state(path: os.PathLike | str, like: TrainState, config: Mapping[str, A
 
     Raises:
       FileNotFoundError: no checkpoint at ``path``.
-      CheckpointError: the file is corrupted, or was written for another model,
-        optimizer or configuration (the message names the first difference).
+      CheckpointError: the checkpoint is corrupted, or was written for another model,
+        optimizer, baseline or configuration (the message names the first difference).
     """
-    template = {
-        "kind": _CHECKPOINT_KIND,
-        "params": like.params,
-        "opt_state": like.opt_state,
-        "key": like.key,
-        "epoch": 0,
-        "step": 0,
-        "metrics": "",
-        "config": "",
-    }
-    if _keeps_baseline_state(like.baseline_state):
-        template["baseline_state"] = like.baseline_state
-    tree = load_checkpoint(path, like=template)
-    if tree["kind"] != _CHECKPOINT_KIND:
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is a {tree['kind']!r}, not a training state.",
+    meta = load_metadata(path)
+    if meta.get("kind") != _CHECKPOINT_KIND:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is a {meta.get('kind')!r}, not a training state.",
                               path=path, leaf="kind")
+    stateful = _keeps_baseline_state(like.baseline_state)
+    if meta.get("baseline_state") != stateful:
+        saved, now = ("the state of a stateful baseline", "none") if meta.get("baseline_state") else \
+            ("no baseline state", "one")
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} does not match the template (like=) at leaf 'baseline_state': it "
+            f"holds {saved}, but this run's baseline keeps {now}. Resume with the same baseline, or choose another "
+            "output folder to start a new run.", path=path, leaf="baseline_state")
+    arrays = load_checkpoint(path, like=_Arrays(like.params, like.opt_state, like.key,
+                                                like.baseline_state if stateful else None))
     try:
-        metrics = tuple(json.loads(tree["metrics"]))
-        saved_config = json.loads(tree["config"])
-    except ValueError as err:
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is corrupted: its metrics or config are not "
-                              f"valid JSON ({err}).", path=path, leaf="metrics") from err
+        metrics, saved_config = tuple(meta["metrics"]), dict(meta["config"])
+        epoch, step = int(meta["epoch"]), int(meta["step"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is corrupted: its epoch, step, metrics or config "
+                              f"are missing or invalid ({type(err).__name__}: {err}).", path=path,
+                              leaf="metrics") from err
     if config is not None:
         wanted = json.loads(_json_config(config))
         differ = sorted(k for k in set(wanted) | set(saved_config) if wanted.get(k) != saved_config.get(k))
@@ -326,12 +326,12 @@ def load_state(path: os.PathLike | str, like: TrainState, config: Mapping[str, A
                 f"checkpoint {os.fspath(path)!r} was written by a run with other settings ({listing}). "
                 "Resume with the same settings, or choose another output folder to start a new run.",
                 path=path, leaf=f"config/{differ[0]}")
-    if len(metrics) != tree["epoch"] or tree["epoch"] < 0 or tree["step"] < 0:
+    if len(metrics) != epoch or epoch < 0 or step < 0:
         raise CheckpointError(
-            f"checkpoint {os.fspath(path)!r} is inconsistent: epoch {tree['epoch']} but {len(metrics)} metric "
+            f"checkpoint {os.fspath(path)!r} is inconsistent: epoch {epoch} but {len(metrics)} metric "
             "records. Delete it to start afresh, or choose another output folder.", path=path, leaf="metrics")
-    return TrainState(tree["params"], tree["opt_state"], tree["key"], tree["epoch"], tree["step"], metrics,
-                      tree.get("baseline_state", scg.baselines.EmptyState()))
+    return TrainState(arrays.params, arrays.opt_state, arrays.key, epoch, step, metrics,
+                      arrays.baseline_state if stateful else scg.baselines.EmptyState())
 
 
 def _keeps_baseline_state(baseline_state: Any) -> bool:
@@ -434,7 +434,7 @@ def fit(
         entries join the epoch's metrics record.
       on_epoch_end: ``state -> None`` called after the checkpoint of each epoch is
         written (plots, ...).
-      out_dir: where ``checkpoint.npz`` and ``metrics.jsonl`` go; None: nowhere.
+      out_dir: where the ``checkpoint`` directory and ``metrics.jsonl`` go; None: nowhere.
       resume: continue from ``out_dir``'s checkpoint; without it a new run starts
         (its first epoch's checkpoint replaces the one ``out_dir`` may hold).
       config: JSON-serializable settings saved in the checkpoint; resuming with
@@ -484,7 +484,7 @@ def fit(
     if resume:
         if checkpoint is None:
             raise ValueError("fit: resume=True needs out_dir (the folder holding the checkpoint).")
-        if not checkpoint.is_file():
+        if not checkpoint.is_dir():
             raise FileNotFoundError(
                 f"cannot resume: there is no checkpoint at {os.fspath(checkpoint)!r}. Run without resuming "
                 "to start a new run, or point the output folder at an earlier run.")
@@ -553,7 +553,7 @@ def fit(
 
 
 def _raise_non_finite(step: int, epoch: int, loss: float, checkpoint: pathlib.Path | None) -> None:
-    if checkpoint is not None and checkpoint.is_file():
+    if checkpoint is not None and checkpoint.is_dir():
         kept = f"The last good checkpoint, {os.fspath(checkpoint)!r}, is kept as it was"
         where = os.fspath(checkpoint)
     else:
