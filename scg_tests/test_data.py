@@ -1,6 +1,7 @@
-"""Tests of scg.datasets: the IDX reader, MNIST location/download/verification, binarized
-MNIST, and minibatching. Downloads are served by a local http.server on 127.0.0.1;
-any other network access fails the test."""
+"""Tests of scg.datasets: the IDX reader, MNIST location/download (pooch)/verification,
+binarized MNIST, and minibatching. Downloads are served by a local http.server on
+127.0.0.1 (and a socket server that never answers); any other network access fails
+the test."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import os
 import pathlib
 import socket
 import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from scg.datasets import DataError, MNIST, batches, data_dir_from, load_binarized_mnist, load_mnist, read_idx
+from scg.datasets.download import DEFAULT_MNIST_MIRRORS
 from scg.datasets.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
 from scg.datasets.mnist import MNIST_FILES, cache_dir_from, mirrors_from
 
@@ -132,6 +135,32 @@ def mirror(http_root):
     arrays = synthetic_mnist()
     checksums = write_mnist(root / "good", arrays)
     return arrays, checksums, base
+
+
+@pytest.fixture
+def silent_mirror():
+    """Base URL of a server on 127.0.0.1 that accepts every connection and never answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.01)
+    stop, held = threading.Event(), []
+
+    def accept_and_sleep():
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=accept_and_sleep, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/"
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        server.close()
 
 
 # --------------------------------------------------------------------------- #
@@ -252,6 +281,8 @@ def test_cache_dir_and_mirrors_settings(monkeypatch, tmp_path):
     monkeypatch.setenv("SCG_MNIST_MIRRORS", " http://a/ , http://b/,")
     assert mirrors_from(None) == ("http://a/", "http://b/")
     assert mirrors_from(["http://c/"]) == ("http://c/",)
+    monkeypatch.setenv("SCG_MNIST_MIRRORS", " , ")
+    assert mirrors_from(None) == DEFAULT_MNIST_MIRRORS
     with pytest.raises(TypeError, match=r"sequence of base URLs.*mirrors=\['http://c/'\]"):
         mirrors_from("http://c/")
 
@@ -310,14 +341,37 @@ def test_load_mnist_missing_without_download_lists_files_and_folders(tmp_path):
 # --------------------------------------------------------------------------- #
 
 
-def test_download_succeeds_verifies_and_caches(mirror, tmp_path):
+def test_download_succeeds_verifies_caches_and_says_so(mirror, tmp_path, capsys):
     arrays, checksums, base = mirror
     cache = tmp_path / "cache"
-    mnist = load_mnist(cache_dir=cache, mirrors=[base + "good/"], checksums=checksums)
+    mnist = load_mnist(cache_dir=cache, mirrors=[base + "good/"], checksums=checksums, timeout=7)
     assert_matches(mnist, arrays)
     assert sorted(p.name for p in (cache / "mnist").iterdir()) == sorted(checksums)  # no temp files left
-    # The second load is served from the cache: no mirror, no downloads.
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err.splitlines() == [
+        f"scg: downloading {name}.gz from {base}good/{name}.gz into {cache / 'mnist'} (timeout 7 s)"
+        for name in MNIST_FILES
+    ]
+    # The second load is served from the cache: no mirror, no downloads, nothing printed.
     assert_matches(load_mnist(cache_dir=cache, mirrors=[], download=False, checksums=checksums), arrays)
+    assert capsys.readouterr().err == ""
+
+
+def test_files_in_data_dir_are_used_without_network(tmp_path, monkeypatch, capsys):
+    arrays = synthetic_mnist(seed=4)
+    write_mnist(tmp_path / "data" / "mnist", arrays)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("load_mnist used the network although the data dir holds every file")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    # download=True (the default) and a mirror: the files in the data dir win.
+    assert_matches(load_mnist(tmp_path / "data", cache_dir=tmp_path / "cache", mirrors=["http://127.0.0.1:9/"]),
+                   arrays)
+    assert capsys.readouterr().err == ""
+    assert not (tmp_path / "cache").exists()
 
 
 def test_download_uses_env_cache_and_mirrors(mirror, tmp_path, monkeypatch):
@@ -351,10 +405,11 @@ def test_download_rejects_checksum_mismatch(http_root, tmp_path):
         load_mnist(cache_dir=cache, mirrors=[base + "bad/"], checksums=checksums)
     message = str(caught.value)
     assert "4 of the 4 files" in message
-    expected = checksums["train-images-idx3-ubyte.gz"]
-    assert f"{base}bad/train-images-idx3-ubyte.gz: checksum mismatch: sha256 expected {expected}" in message
-    assert "rejected and deleted" in message
-    assert list((cache / "mnist").iterdir()) == []  # nothing unverified was kept
+    for name in MNIST_FILES:
+        line = next(line for line in message.splitlines() if f"{base}bad/{name}.gz: " in line)
+        assert "checksum mismatch, the download was rejected and deleted" in line
+        assert checksums[f"{name}.gz"] in line  # the expected hash
+    assert list((cache / "mnist").iterdir()) == []  # nothing unverified was kept, no temporary files
 
 
 def test_checksum_mismatch_falls_through_to_next_mirror(http_root, tmp_path):
@@ -378,15 +433,47 @@ def test_all_mirrors_failing_reports_every_url_and_how_to_fix(mirror, tmp_path):
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}/"
     with pytest.raises(DataError) as caught:
-        load_mnist(tmp_path / "data", cache_dir=tmp_path / "cache", mirrors=[base + "missing/", dead],
+        load_mnist(tmp_path / "data", cache_dir=tmp_path / "cache", mirrors=[base + "missing/", dead, "file:///x/"],
                    checksums=checksums)
     message = str(caught.value)
+    assert "4 of the 4 files" in message
     for name in MNIST_FILES:
         assert f"{base}missing/{name}.gz: HTTP 404" in message
-    assert f"{dead}train-images-idx3-ubyte.gz: cannot connect" in message
-    assert f"{dead}t10k-labels-idx1-ubyte.gz: skipped: mirror unreachable earlier" in message
+    assert f"{dead}train-images-idx3-ubyte.gz: cannot connect" in message and "Connection refused" in message
+    assert f"{dead}t10k-labels-idx1-ubyte.gz: skipped: mirror unreachable earlier (cannot connect" in message
+    assert "file:///x/train-images-idx3-ubyte.gz: not an http(s) URL" in message
+    assert "file:///x/t10k-labels-idx1-ubyte.gz: skipped: mirror unreachable earlier (not an http(s) URL" in message
     assert str(tmp_path / "data" / "mnist") in message
     assert "--data-dir <DIR> or set SCG_DATA_DIR=<DIR>" in message and "SCG_MNIST_MIRRORS" in message
+
+
+def test_silent_mirror_is_abandoned_within_the_timeout(silent_mirror, mirror, tmp_path, capsys):
+    arrays, checksums, base = mirror
+    start = time.monotonic()
+    mnist = load_mnist(cache_dir=tmp_path / "cache", mirrors=[silent_mirror, base + "good/"], checksums=checksums,
+                       timeout=1)
+    elapsed = time.monotonic() - start
+    assert_matches(mnist, arrays)
+    assert elapsed < 10, f"took {elapsed:.1f} s with a 1 s timeout"
+    # The silent mirror is tried once (the first file), then skipped; every file comes from the good one.
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == (f"scg: downloading {MNIST_FILES[0]}.gz from {silent_mirror}{MNIST_FILES[0]}.gz into "
+                        f"{tmp_path / 'cache' / 'mnist'} (timeout 1 s)")
+    assert [line.split(" from ")[1].split(" into ")[0] for line in lines[1:]] == [
+        f"{base}good/{name}.gz" for name in MNIST_FILES]
+
+
+def test_only_a_silent_mirror_gives_data_error_within_the_timeout(silent_mirror, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DataError) as caught:
+        load_mnist(cache_dir=tmp_path / "cache", mirrors=[silent_mirror], timeout=1)
+    elapsed = time.monotonic() - start
+    assert elapsed < 10, f"took {elapsed:.1f} s with a 1 s timeout"
+    message = str(caught.value)
+    assert f"{silent_mirror}{MNIST_FILES[0]}.gz: no answer within the timeout of 1 s" in message
+    for name in MNIST_FILES[1:]:
+        assert f"{silent_mirror}{name}.gz: skipped: mirror unreachable earlier (no answer within" in message
+    assert list((tmp_path / "cache" / "mnist").iterdir()) == []
 
 
 def test_damaged_cached_file_is_replaced(mirror, tmp_path):
@@ -456,6 +543,35 @@ def test_load_binarized_mnist_bad_content(tmp_path):
     (folder / "binarized_mnist_train.amat").write_bytes(amat_text(np.full((1, 784), 2)))
     with pytest.raises(DataError, match=r"binarized_mnist_train\.amat.*holds the value '2', expected only 0 and 1"):
         load_binarized_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_load_binarized_mnist_damaged_gzip_names_file_without_download_advice(tmp_path, damage):
+    folder = tmp_path / "binarized_mnist"
+    rng = np.random.default_rng(2)
+    splits = {s: rng.integers(0, 2, (4, 784)) for s in ("train", "valid", "test")}
+    write_binarized(folder, splits, gz=True)
+    path = folder / "binarized_mnist_valid.amat.gz"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(data[:20] + bytes(b ^ 0xFF for b in data[20:40]) + data[40:])
+    with pytest.raises(DataError) as caught:
+        load_binarized_mnist(tmp_path)
+    message = str(caught.value)
+    assert str(path) in message and "truncated or corrupted" in message
+    assert "download" not in message.lower()
+
+
+def test_load_binarized_mnist_truncated_raw_file(tmp_path):
+    folder = tmp_path / "binarized_mnist"
+    write_binarized(folder, {s: np.ones((2, 784)) for s in ("train", "valid", "test")}, gz=False)
+    path = folder / "binarized_mnist_test.amat"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"binarized_mnist_test\.amat.*line 2 has 734 values.*truncated") as caught:
+        load_binarized_mnist(tmp_path)
+    assert "download" not in str(caught.value).lower()
 
 
 def test_load_binarized_mnist_missing(tmp_path):

@@ -55,12 +55,18 @@ def _describe_magic(magic: int) -> str:
     return f"{kind}, {ndim} dims"
 
 
-def read_maybe_gzipped(path: os.PathLike | str, *, kind: str = "data file") -> bytes:
+def read_maybe_gzipped(
+    path: os.PathLike | str,
+    *,
+    kind: str = "data file",
+    how_to_fix: str = "Delete it and download it again.",
+) -> bytes:
     """The file's bytes, gunzipped when they start with the gzip magic bytes.
 
     Compression is detected from the content, not the suffix, so ``x.gz`` holding
     raw bytes and ``x`` holding gzip both read correctly. ``kind`` names the
-    file in error messages (e.g. ``"IDX file"``).
+    file in error messages (e.g. ``"IDX file"``); ``how_to_fix`` ends the message
+    for a truncated or corrupted file.
 
     Raises:
       DataError: the file is missing or unreadable, or its gzip stream is
@@ -84,7 +90,7 @@ def read_maybe_gzipped(path: os.PathLike | str, *, kind: str = "data file") -> b
         raise DataError(
             f"{kind} {name!r} starts with the gzip magic bytes but is not a valid gzip "
             f"stream ({type(err).__name__}: {err}); the file is truncated or corrupted. "
-            "Delete it and download it again."
+            f"{how_to_fix}"
         ) from err
 
 

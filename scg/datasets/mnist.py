@@ -1,36 +1,36 @@
-"""MNIST and binarized MNIST: locating, downloading, verifying and loading.
+"""MNIST and binarized MNIST: locating and loading.
 
-Where files are looked for, in order:
+Where MNIST files are looked for, in order:
 
 1. the data dir: ``<data_dir>/mnist/`` where ``data_dir`` is the explicit
    argument (the command line's ``--data-dir``), else the ``SCG_DATA_DIR``
    environment variable;
-2. the download cache: ``<cache_dir>/mnist/`` where ``cache_dir`` is the
-   argument, else ``SCG_CACHE_DIR``, else ``$XDG_CACHE_HOME/scg``, else
-   ``~/.cache/scg``;
-3. the mirrors (``mirrors=``, else ``SCG_MNIST_MIRRORS`` as comma-separated
-   base URLs, else ``DEFAULT_MNIST_MIRRORS``): each missing ``<name>.gz`` is
-   downloaded into the cache, verified against its SHA-256 and only then
-   renamed into place, so the cache never holds a partial or wrong file.
+2. the download cache: ``<cache_dir>/mnist/`` (see :mod:`scg.datasets.download`);
+3. the mirrors: each missing ``<name>.gz`` is downloaded into the cache through
+   pooch and verified against its SHA-256 (:class:`scg.datasets.download.Downloads`).
 
 Each MNIST file may be gzip-compressed or raw (``<name>.gz`` or ``<name>``);
-compression is detected from the content.
+compression is detected from the content. Binarized MNIST is read from
+``<data_dir>/binarized_mnist/`` only; nothing is downloaded for it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import os
 import pathlib
-import tempfile
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
+from scg.datasets.download import (
+    CACHE_DIR_ENV,
+    DEFAULT_MNIST_MIRRORS,
+    MIRRORS_ENV,
+    Downloads,
+    cache_dir_from,
+    mirrors_from,
+)
 from scg.datasets.errors import DataError
 from scg.datasets.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx, read_maybe_gzipped
 
@@ -43,7 +43,6 @@ __all__ = [
     "MNIST",
     "MNIST_FILES",
     "MNIST_SHA256",
-    "batches",
     "cache_dir_from",
     "data_dir_from",
     "load_binarized_mnist",
@@ -52,8 +51,6 @@ __all__ = [
 ]
 
 DATA_DIR_ENV = "SCG_DATA_DIR"
-CACHE_DIR_ENV = "SCG_CACHE_DIR"
-MIRRORS_ENV = "SCG_MNIST_MIRRORS"
 
 # The four files, without compression suffix, in MNIST-tuple order.
 MNIST_FILES = (
@@ -71,18 +68,11 @@ MNIST_SHA256 = {
     "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
 }
 
-# Public mirrors of the original files (yann.lecun.com now refuses downloads).
-DEFAULT_MNIST_MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-)
-
 BINARIZED_MNIST_SPLITS = ("train", "valid", "test")
 
 _IMAGE_SIDE = 28
 _NUM_PIXELS = _IMAGE_SIDE * _IMAGE_SIDE
 _NUM_CLASSES = 10
-_DOWNLOAD_CHUNK = 1 << 16
 
 
 class MNIST(NamedTuple):
@@ -115,37 +105,8 @@ def data_dir_from(arg: str | os.PathLike | None) -> pathlib.Path | None:
     return pathlib.Path(from_env).expanduser() if from_env else None
 
 
-def cache_dir_from(arg: str | os.PathLike | None) -> pathlib.Path:
-    """The download-cache root: ``arg``, else ``$SCG_CACHE_DIR``, else the user cache.
-
-    The user cache is ``$XDG_CACHE_HOME/scg`` or ``~/.cache/scg``. Data sets live in
-    sub-folders (``<root>/mnist/``), mirroring the data-dir layout.
-    """
-    if arg is not None and os.fspath(arg) != "":
-        return pathlib.Path(arg).expanduser()
-    from_env = os.environ.get(CACHE_DIR_ENV, "")
-    if from_env:
-        return pathlib.Path(from_env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
-    return base / "scg"
-
-
-def mirrors_from(arg: Sequence[str] | None) -> tuple[str, ...]:
-    """Mirror base URLs: ``arg``, else ``$SCG_MNIST_MIRRORS`` (comma-separated), else the defaults."""
-    if arg is not None:
-        if isinstance(arg, str):
-            raise TypeError(
-                f"mirrors must be a sequence of base URLs, got the string {arg!r}; "
-                f"write mirrors=[{arg!r}]."
-            )
-        return tuple(arg)
-    from_env = [m.strip() for m in os.environ.get(MIRRORS_ENV, "").split(",") if m.strip()]
-    return tuple(from_env) if from_env else DEFAULT_MNIST_MIRRORS
-
-
 # --------------------------------------------------------------------------- #
-# Locating and downloading.
+# Locating (and downloading through scg.datasets.download).
 # --------------------------------------------------------------------------- #
 
 
@@ -155,56 +116,6 @@ def _find_in(folder: pathlib.Path, name: str) -> pathlib.Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def _sha256_of(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-class _DownloadFailed(Exception):
-    """One URL did not deliver a verified file; the message is the reason."""
-
-
-def _download_verified(url: str, dest: pathlib.Path, sha256: str, timeout: float) -> None:
-    """Downloads ``url`` to ``dest`` only if its SHA-256 equals ``sha256``.
-
-    The bytes go to a temporary file beside ``dest`` that is renamed into place
-    after verification, so an interrupted or wrong download never appears
-    under the final name. Raises _DownloadFailed with the reason otherwise.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = pathlib.Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                while chunk := response.read(_DOWNLOAD_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        actual = digest.hexdigest()
-        if actual != sha256:
-            raise _DownloadFailed(
-                f"checksum mismatch: sha256 expected {sha256}, got {actual}; "
-                "the downloaded file was rejected and deleted"
-            )
-        os.replace(tmp, dest)
-    except urllib.error.HTTPError as err:
-        err.close()  # an HTTPError holds the open response; close it or it leaks
-        raise _DownloadFailed(f"HTTP {err.code} {err.reason}") from None
-    except urllib.error.URLError as err:
-        raise _DownloadFailed(f"cannot connect: {err.reason}") from None
-    except (OSError, http.client.HTTPException) as err:
-        # Timeouts, resets, IncompleteRead (body shorter than Content-Length).
-        raise _DownloadFailed(f"download failed: {type(err).__name__}: {err}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _mnist_not_found_error(
@@ -250,9 +161,8 @@ def _locate_mnist_files(
         search_dirs.append((data_dir / "mnist", "the data dir, from --data-dir or " + DATA_DIR_ENV))
     search_dirs.append((cache, "the download cache"))
 
+    downloads = Downloads(cache, mirrors, timeout)
     found: dict[str, pathlib.Path] = {}
-    attempts: list[tuple[str, str]] = []
-    unreachable: dict[str, str] = {}  # mirror -> why; skipped for later files
     missing = []
     for name in MNIST_FILES:
         gz_name = f"{name}.gz"
@@ -263,41 +173,25 @@ def _locate_mnist_files(
             # Files in the cache were verified when downloaded; re-check so a
             # file damaged since is replaced rather than failing every run.
             if folder == cache and path.name == gz_name and gz_name in checksums:
-                if _sha256_of(path) != checksums[gz_name]:
-                    path.unlink(missing_ok=True)
-                    attempts.append((str(path), "cached file failed its sha256 check; deleted"))
+                if not downloads.check(path, checksums[gz_name]):
                     continue
             found[name] = path
             break
-        if name in found or not download:
-            if name not in found:
-                missing.append(name)
+        if name in found:
             continue
-        if gz_name not in checksums:
+        if download and gz_name not in checksums:
             raise DataError(
                 f"MNIST: no known sha256 for {gz_name!r}, so a download of it cannot be "
                 f"verified; the checksums given cover {sorted(checksums)}. Add "
                 f"{gz_name!r} to checksums= or put the file in <DIR>/mnist/ with --data-dir."
             )
-        for mirror in mirrors:
-            url = mirror.rstrip("/") + "/" + gz_name
-            if mirror in unreachable:
-                attempts.append((url, f"skipped: mirror unreachable earlier ({unreachable[mirror]})"))
-                continue
-            try:
-                _download_verified(url, cache / gz_name, checksums[gz_name], timeout)
-            except _DownloadFailed as failure:
-                reason = str(failure)
-                attempts.append((url, reason))
-                if reason.startswith("cannot connect"):
-                    unreachable[mirror] = reason
-                continue
-            found[name] = cache / gz_name
-            break
-        else:
+        path = downloads.fetch(gz_name, checksums[gz_name]) if download else None
+        if path is None:
             missing.append(name)
+        else:
+            found[name] = path
     if missing:
-        raise _mnist_not_found_error(missing, search_dirs, attempts, data_dir, download)
+        raise _mnist_not_found_error(missing, search_dirs, downloads.attempts, data_dir, download)
     return found
 
 
@@ -340,7 +234,7 @@ def load_mnist(
     checksums: Mapping[str, str] | None = None,
     timeout: float = 30.0,
 ) -> MNIST:
-    """Loads MNIST, downloading and verifying missing files into the cache.
+    """Loads MNIST, downloading (through pooch) and verifying missing files into the cache.
 
     Args:
       data_dir: folder holding ``mnist/`` with the four files (gzipped or raw);
@@ -352,7 +246,10 @@ def load_mnist(
       download: whether missing files may be downloaded.
       checksums: SHA-256 of each ``<name>.gz`` a download must match; default
         ``MNIST_SHA256``. A mismatching download is deleted and the next mirror tried.
-      timeout: seconds each network operation may wait.
+        A line naming the file, URL, cache folder and timeout is printed to stderr
+        before each download.
+      timeout: seconds a mirror may take to accept the connection and to send each
+        piece of the file; one that takes longer is unreachable and skipped.
 
     Returns:
       ``MNIST(train_images, train_labels, test_images, test_labels)``, the
@@ -397,7 +294,8 @@ def _parse_amat(content: bytes, path: pathlib.Path) -> np.ndarray:
         if len(values) != _NUM_PIXELS:
             raise DataError(
                 f"binarized MNIST file {os.fspath(path)!r}: line {number} has {len(values)} "
-                f"values, expected {_NUM_PIXELS} (one 28x28 image of 0/1 per line)."
+                f"values, expected {_NUM_PIXELS} (one 28x28 image of 0/1 per line); the file is "
+                f"truncated or corrupted, or not binarized MNIST. {_REPLACE_AMAT}"
             )
     tokens = np.array(b" ".join(lines).split(), dtype="S")
     ones, zeros = tokens == b"1", tokens == b"0"
@@ -408,6 +306,9 @@ def _parse_amat(content: bytes, path: pathlib.Path) -> np.ndarray:
             "only 0 and 1. Is it the binarized (.amat) data set?"
         )
     return ones.reshape(-1, _NUM_PIXELS).astype(np.float32)
+
+
+_REPLACE_AMAT = "Replace it with an intact copy of the file."
 
 
 def load_binarized_mnist(
@@ -427,7 +328,8 @@ def load_binarized_mnist(
 
     Raises:
       DataError: no data dir is set, a file is missing (the message lists each
-        file and the folder), or a file is not in the ``.amat`` layout.
+        file and the folder), or a file is truncated, corrupted or not in the
+        ``.amat`` layout (the message names the file).
     """
     data_root = data_dir_from(data_dir)
     names = [f"binarized_mnist_{split}.amat" for split in BINARIZED_MNIST_SPLITS]
@@ -449,100 +351,7 @@ def load_binarized_mnist(
             f"'<name>.gz' and '<name>'). How to fix: {how_to_fix}"
         )
     train, valid, test = (
-        _parse_amat(read_maybe_gzipped(path, kind="binarized MNIST file"), path) for path in paths
+        _parse_amat(read_maybe_gzipped(path, kind="binarized MNIST file", how_to_fix=_REPLACE_AMAT), path)
+        for path in paths
     )
     return train, valid, test
-
-
-# --------------------------------------------------------------------------- #
-# Minibatches.
-# --------------------------------------------------------------------------- #
-
-
-def _seed_entropy(key_or_seed: Any) -> list[int]:
-    """Non-negative integers that seed numpy's SeedSequence, from an int, ints or a JAX key."""
-    if isinstance(key_or_seed, (int, np.integer)) and not isinstance(key_or_seed, bool):
-        words = [int(key_or_seed)]
-    else:
-        import jax  # only needed for JAX keys; keep the data module importable without it
-
-        value = key_or_seed
-        if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-            value = jax.random.key_data(value)
-        array = np.asarray(value)
-        if array.dtype.kind not in "iu" or array.size == 0:
-            raise TypeError(
-                "key_or_seed must be a non-negative int, a sequence of non-negative ints, or "
-                f"a JAX PRNG key; got {type(key_or_seed).__name__} with dtype {array.dtype}."
-            )
-        words = [int(w) for w in array.ravel()]
-    if any(w < 0 for w in words):
-        raise ValueError(f"key_or_seed must be non-negative, got {key_or_seed!r}.")
-    return words
-
-
-def batches(
-    array_or_tuple: np.ndarray | Sequence[np.ndarray],
-    batch_size: int,
-    *,
-    key_or_seed: Any,
-    epoch: int = 0,
-    drop_remainder: bool = True,
-) -> Iterator[Any]:
-    """Shuffled minibatches for one epoch, a pure function of ``(key_or_seed, epoch)``.
-
-    The permutation comes from ``numpy.random.default_rng([*seed, epoch])``, so a
-    run restarted from a checkpoint at epoch ``e`` sees exactly the batches it
-    would have seen, and each epoch has its own order::
-
-        for epoch in range(num_epochs):
-            for x, y in batches((images, labels), 100, key_or_seed=seed, epoch=epoch):
-                ...
-
-    Args:
-      array_or_tuple: one array, or a tuple/list of arrays sharing the leading
-        dimension (shuffled with the same permutation).
-      batch_size: examples per batch (positive).
-      key_or_seed: a non-negative int, a sequence of them, or a JAX PRNG key
-        (typed or raw ``uint32``).
-      epoch: mixed into the seed so each epoch is shuffled differently.
-      drop_remainder: drop the last, smaller batch (keeps shapes static under
-        ``jit``); otherwise yield it.
-
-    Returns:
-      An iterator of arrays (or tuples of arrays, matching the input).
-
-    Raises:
-      ValueError: ``batch_size`` is not positive, the arrays disagree on their
-        leading dimension, or ``drop_remainder`` would leave no batch at all.
-    """
-    is_tuple = isinstance(array_or_tuple, (tuple, list))
-    arrays = [np.asarray(a) for a in (array_or_tuple if is_tuple else [array_or_tuple])]
-    if not arrays:
-        raise ValueError("batches: got an empty tuple of arrays; pass at least one array.")
-    if any(a.ndim == 0 for a in arrays):
-        raise ValueError("batches: every array needs a leading (example) dimension; got a scalar.")
-    sizes = [a.shape[0] for a in arrays]
-    if len(set(sizes)) != 1:
-        raise ValueError(f"batches: the arrays have different numbers of examples {sizes}; they must agree.")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-        raise ValueError(f"batches: batch_size must be a positive int, got {batch_size!r}.")
-    num_examples = sizes[0]
-    if drop_remainder and batch_size > num_examples:
-        raise ValueError(
-            f"batches: batch_size {batch_size} exceeds the {num_examples} examples, so with "
-            "drop_remainder=True no batch would be produced. Use a smaller batch_size."
-        )
-    if not isinstance(epoch, (int, np.integer)) or epoch < 0:
-        raise ValueError(f"batches: epoch must be a non-negative int, got {epoch!r}.")
-    rng = np.random.default_rng([*_seed_entropy(key_or_seed), int(epoch)])
-    order = rng.permutation(num_examples)
-    stop = num_examples - num_examples % batch_size if drop_remainder else num_examples
-
-    def generate() -> Iterator[Any]:
-        for start in range(0, stop, batch_size):
-            index = order[start : start + batch_size]
-            picked = tuple(a[index] for a in arrays)
-            yield picked if is_tuple else picked[0]
-
-    return generate()
