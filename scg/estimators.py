@@ -159,22 +159,53 @@ def _walk_estimate(graph: Graph, env: dict, key: jax.Array, *, steps: tuple, ord
         results, terms = _run_scan(node, operands, key, steps=steps, order=order, checked=checked)
         return results, {_scan_key(node.name): terms, _logp_key(node.name): terms.log_density}
 
-    def exponent_of(env: dict, node: Any, plates: tuple) -> jax.Array:
-        exponent = jnp.zeros(())
-        for name in graph.stochastic_ancestors(node):
-            if name in scored:
-                exponent = exponent + align(env[_logp_key(name)], scored[name].plates, plates)
-            elif name in loops:
-                exponent = exponent + align(env[_logp_key(name)], (), plates)
-        return exponent
+    # DiCE's exponent of a node is a sum over the set of its stochastic ancestors; sets are bitsets
+    # (graph._stochastic_ancestry), and sums of sets are memoized by stripping the highest ancestor,
+    # so a chain of n sites costs n additions, not n²/2
+    stochastic = graph.stochastic_nodes
+    counted = 0
+    for k, n in enumerate(stochastic):
+        if n.name in scored or n.name in loops:
+            counted |= 1 << k
+    ancestry = graph._stochastic_ancestry
+
+    def exponents(env: dict) -> Callable:
+        memo: dict = {}
+
+        def term(k: int, plates: tuple) -> jax.Array:
+            n = stochastic[k]
+            return align(env[_logp_key(n.name)], n.plates if n.name in scored else (), plates)
+
+        def exponent_of(node: Any, plates: tuple) -> jax.Array:
+            bits = 0
+            for a in node.inputs:
+                if isinstance(a, Var):
+                    bits |= ancestry.get(a, 0)
+            bits &= counted
+            plates = tuple(plates)
+            stripped, b = [], bits
+            while b and (b, plates) not in memo:
+                high = b.bit_length() - 1
+                stripped.append(high)
+                b ^= 1 << high
+            value = memo[(b, plates)] if b else jnp.zeros(())
+            for high in reversed(stripped):
+                b |= 1 << high
+                value = value + term(high, plates)
+                memo[(b, plates)] = value
+            return value
+
+        return exponent_of
 
     return walk(graph, env, on_site=on_site, on_scan=on_scan, checked=checked,
-                on_end=lambda env: finish(env, scored, lambda node, plates: exponent_of(env, node, plates)))
+                on_end=lambda env: finish(env, scored, exponents(env)))
 
 
 def _cost_terms(graph: Graph, env: dict) -> dict:
     """``{cost name: (per-example term, plates)}``; NaN everywhere when a parameter check failed."""
     valid = validity_factor(env)
+    if isinstance(valid, float):  # no check needed run-time work
+        return {c.name: (per_example(read(env, c.input), c.plates), c.plates) for c in graph.costs}
     return {c.name: (per_example(read(env, c.input), c.plates) * valid.astype(c.input.dtype), c.plates)
             for c in graph.costs}
 

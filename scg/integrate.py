@@ -21,9 +21,30 @@ the same value combination, each example gets its own weight ``w_{j,n}``, and a
 per-example cost ``c_n`` is combined as ``Σ_j w_{j,n} c_n(j)`` — exact because
 example ``n``'s costs depend only on example ``n``'s values. The grid then grows
 with the elements of one example, not of the batch.
+
+**Kinks and jumps** (:mod:`scg.nonsmooth`). Where a cost depends on a Normal
+site's value through a non-smooth primitive (``max``/``relu``, ``abs``,
+comparisons under ``jnp.where``, ...), Gauss–Hermite is not exact and its
+gradient can be wrong (a jump contributes nothing). A kink or jump at an affine
+function of the site's value is integrated piecewise, exactly; any other makes
+the reference *estimated*: :func:`reference` integrates at two levels (``order``
+and ``2·order`` for the sites involved) and reports the difference as the
+error; :func:`graph_expectation` returns the finer value when that error is
+within tolerance and refuses otherwise, naming the primitive and its line.
+
+**stop_gradient.** It does not change a value, so ``E[Σ costs]`` is unchanged.
+For differentiation it is a constant along the deterministic data flow, as in
+``jax.grad``, while a site's value is always an integration variable whose
+density carries its dependence on the parameters: the gradient is
+``∇θ ∫ Σ costs(θ, z) Π p_θ(z) dz`` with ``stop_gradient`` read as JAX reads it,
+which is what every estimator of scg estimates. Normal sites whose values reach
+a ``stop_gradient`` are therefore integrated with points held constant and the
+parameter dependence carried by the weights (``w · p/stop_gradient(p)``), as
+enumerated discrete sites always are.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -32,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
+from scg import nonsmooth
 from scg.errors import BudgetError, IntractableError
 from scg.interpreter import initial_env, read, validity_factor, walk
 from scg.ir import Graph, Site, Var
@@ -40,6 +62,7 @@ from scg.unroll import unroll
 
 DEFAULT_ORDER = 16
 DEFAULT_BUDGET = 2**20
+DEFAULT_RTOL = 1e-4  # graph_expectation: largest estimated error, relative to max(|E|, 1), it returns
 
 
 def _unwrap(d: Any) -> Any:
@@ -130,11 +153,8 @@ def parallel_plates(graph: Graph, site: Site) -> int:
     return len(site.plates) if inside else 0
 
 
-def check_budget(graph: Graph, sites: list[Site], order: int, budget: int, what: str, *,
-                 per_example: bool = False) -> int:
-    """Raises BudgetError when the joint grid of ``sites`` exceeds ``budget`` points."""
-    sizes = {}
-    total = 1
+def check_families(sites: list[Site], what: str) -> None:
+    """Raises IntractableError for a site that is neither discrete with finite support nor Normal."""
     for s in sites:
         if not (s.enumerable or _site_is_normal(s)):
             raise IntractableError(
@@ -142,7 +162,19 @@ def check_budget(graph: Graph, sites: list[Site], order: int, budget: int, what:
                 "enumerate nor a Normal density for Gauss-Hermite quadrature; exact expectations need "
                 "discrete sites with finite support or Normal sites (reparameterize Normals first if they "
                 "are wrapped in another family)", site=s.name)
-        sizes[s.name] = site_grid_size(s, order, parallel_plates(graph, s) if per_example else 0)
+
+
+def check_budget(graph: Graph, sites: list[Site], order: int, budget: int, what: str, *,
+                 per_example: bool = False, size_of: Callable[[Site], int] | None = None) -> int:
+    """Raises BudgetError when the joint grid of ``sites`` exceeds ``budget`` points.
+
+    ``size_of(site)``, when given, is the size of each site's grid (default: :func:`site_grid_size`).
+    """
+    sizes = {}
+    total = 1
+    check_families(sites, what)
+    for s in sites:
+        sizes[s.name] = size_of(s) if size_of else site_grid_size(s, order, parallel_plates(graph, s) if per_example else 0)
         total *= sizes[s.name]
         if total > budget:
             break
@@ -183,8 +215,10 @@ def integrate_site_per_example(site: Site, distribution: Any, continue_with: Cal
     depend on the site (see :func:`parallel_plates`) and are taken from any point.
     """
     points, log_w = _points_or_refuse(site, distribution, order, n_parallel)
-    weights = jnp.exp(log_w)
-    results = jax.vmap(continue_with)(points)
+    return _combine_per_example(site, jnp.exp(log_w), jax.vmap(continue_with)(points))
+
+
+def _combine_per_example(site: Site, weights: Any, results: dict) -> dict:
     names = {p.name for p in site.plates}
     out = {}
     for plates, values in results.items():
@@ -195,6 +229,19 @@ def integrate_site_per_example(site: Site, distribution: Any, continue_with: Cal
         else:
             out[plates] = values[0]
     return out
+
+
+def _detach(distribution: Any, points: Any, weights: Any, n_parallel: int) -> tuple[Any, Any]:
+    """Points held constant, the parameter dependence moved into the weights: ``w · p / stop_gradient(p)``.
+
+    The value is unchanged; the gradient is the score-function form ``Σ w (∇f + f ∇log p)``, the
+    one every estimator agrees on when a ``stop_gradient`` sits downstream of the site.
+    """
+    points = jax.lax.stop_gradient(points)
+    log_p = jax.vmap(distribution.log_prob)(points)
+    log_p = jnp.sum(log_p, axis=tuple(range(1 + n_parallel, log_p.ndim)))
+    box = jnp.exp(log_p - jax.lax.stop_gradient(log_p))
+    return points, weights * box.reshape(box.shape + (1,) * (weights.ndim - box.ndim)).astype(weights.dtype)
 
 
 def _unrolled_within_budget(graph: Graph, order: int, budget: int) -> Graph:
@@ -213,23 +260,65 @@ def _unrolled_within_budget(graph: Graph, order: int, budget: int) -> Graph:
     return flat
 
 
-def graph_expectation(graph: Graph, param_leaves: list, input_leaves: list, *,
-                      order: int = DEFAULT_ORDER, budget: int = DEFAULT_BUDGET) -> jax.Array:
-    """``E[Σ costs]`` of a Graph on flattened parameters and inputs.
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A graph ready to integrate: loops unrolled, sites classified, kinks located (see :mod:`scg.nonsmooth`)."""
 
-    Loops are unrolled first (:func:`scg.unroll.unroll`): exact for chains whose
-    joint grid fits the budget; a longer one is refused naming its length.
-    """
+    graph: Graph
+    order: int
+    n_parallel: dict
+    analysis: nonsmooth.Analysis
+    probes: dict
+
+    def site_order(self, site: Site, refined: bool) -> int:
+        return 2 * self.order if refined and site.name in self.analysis.refine else self.order
+
+
+def prepare(graph: Graph, order: int, budget: int, what: str = "scg.expectation") -> Prepared:
+    """Unrolls loops, checks families and the budget, and finds the kinks (linear in the graph)."""
     if graph.scans:
         graph = _unrolled_within_budget(graph, order, budget)
-    check_budget(graph, list(graph.sites), order, budget, "scg.expectation", per_example=True)
-    env = initial_env(graph, param_leaves, input_leaves)
+    check_families(list(graph.sites), what)
     n_parallel = {s.name: parallel_plates(graph, s) for s in graph.sites}
+    normal = frozenset(s.name for s in graph.sites if not s.enumerable and _site_is_normal(s))
+    plated = frozenset(n for n, k in n_parallel.items() if k)
+
+    def size_of(site: Site, slots: int, refined: bool) -> int:
+        if slots:
+            n = int(np.prod(site.output.shape, dtype=np.int64))
+            return nonsmooth.piecewise_grid_size(n, slots, refined)
+        o = 2 * order if refined and site.name in normal else order
+        return site_grid_size(site, o, n_parallel[site.name])
+
+    analysis = nonsmooth.analyze(graph, normal, plated, size_of=size_of, budget=budget)
+    slots = {name: sum(k.slots for k in ks) for name, ks in analysis.resolved.items()}
+    check_budget(graph, list(graph.sites), order, budget, what,
+                 size_of=lambda s: size_of(s, slots.get(s.name, 0), bool(analysis.unresolved) and s.name in analysis.refine))
+    probes = {name: nonsmooth.kink_probe(graph, graph.site(name), ks, analysis.plans[name])
+              for name, ks in analysis.resolved.items()}
+    return Prepared(graph, order, n_parallel, analysis, probes)
+
+
+def integrate_prepared(prep: Prepared, param_leaves: list, input_leaves: list, *, refined: bool = False) -> jax.Array:
+    """``E[Σ costs]`` with each site's rule (``refined``: the finer rule for sites near unresolved kinks)."""
+    graph, analysis = prep.graph, prep.analysis
+    env = initial_env(graph, param_leaves, input_leaves)
 
     def on_site(site, distribution, env, continue_with):
-        if n_parallel[site.name]:
-            return integrate_site_per_example(site, distribution, continue_with, order, n_parallel[site.name])
-        return integrate_site(site, distribution, continue_with, order)
+        refine = refined and site.name in analysis.refine
+        k = prep.n_parallel[site.name]
+        if site.name in analysis.resolved:
+            points, weights = nonsmooth.piecewise_points(distribution, site.output.shape, site.output.dtype,
+                                                         prep.probes[site.name], env, refine)
+        else:
+            points, log_w = _points_or_refuse(site, distribution, prep.site_order(site, refined), k)
+            weights = jnp.exp(log_w)
+        if site.name in analysis.detached:
+            points, weights = _detach(distribution, points, weights, k)
+        results = jax.vmap(continue_with)(points)
+        if k:
+            return _combine_per_example(site, weights, results)
+        return jax.tree_util.tree_map(lambda r: jnp.tensordot(weights.astype(r.dtype), r, axes=1), results)
 
     def on_end(env):
         # per-example cost sums, grouped by the plates the costs sit in
@@ -237,9 +326,112 @@ def graph_expectation(graph: Graph, param_leaves: list, input_leaves: list, *,
         valid = validity_factor(env)  # NaN when a distribution's parameters violate its constraints
         for c in graph.costs:
             plates = tuple(sorted(c.plates, key=lambda p: p.dim))
-            term = per_example(read(env, c.input), plates) * valid.astype(c.input.dtype)
+            term = per_example(read(env, c.input), plates)
+            term = term if isinstance(valid, float) else term * valid.astype(c.input.dtype)
             groups[plates] = groups[plates] + term if plates in groups else term
         return groups
 
     groups = walk(graph, env, on_site=on_site, on_end=on_end)
     return sum((jnp.sum(v) for v in groups.values()), jnp.zeros(()))
+
+
+def _first(kinks: tuple, kind: str | None = None):
+    return next((k for k in kinks if kind is None or k.kind == kind), kinks[0])
+
+
+def refusal(kinks: tuple, what: str, detail: str) -> IntractableError:
+    """The error for a reference that is not exact, naming the first offending primitive and its line."""
+    k = _first(kinks, "jump")
+    more = f" (and {len(kinks) - 1} more non-smooth place{'s' if len(kinks) > 2 else ''})" if len(kinks) > 1 else ""
+    site = k.normal_sites[-1] if k.normal_sites else ""
+    return IntractableError(f"{what}: the cost reaches {k.describe()}{more}. {detail}", site=site)
+
+
+_AFFINE_HINT = ("A kink or jump at an affine function of one Normal coordinate (z > c, relu(a*z + b), "
+                "abs(z - c), jnp.where(z > 0, f(z), g(z))) is integrated exactly.")
+
+
+def graph_expectation(graph: Graph, param_leaves: list, input_leaves: list, *,
+                      order: int = DEFAULT_ORDER, budget: int = DEFAULT_BUDGET, rtol: float = DEFAULT_RTOL) -> jax.Array:
+    """``E[Σ costs]`` of a Graph on flattened parameters and inputs.
+
+    Loops are unrolled first (:func:`scg.unroll.unroll`): exact for chains whose
+    joint grid fits the budget; a longer one is refused naming its length.
+    Kinks and jumps at affine functions of a Normal site are integrated
+    piecewise. Any other kink makes the reference estimated: on concrete values
+    it is integrated at two levels and returned when their difference is at most
+    ``rtol · max(|E|, 1)``; under a transformation (``jax.grad``, ``jit``,
+    ``vmap``) no error can be estimated and it is refused, as is any jump whose
+    location is not known.
+    """
+    prep = prepare(graph, order, budget)
+    analysis = prep.analysis
+    if analysis.exact:
+        return integrate_prepared(prep, param_leaves, input_leaves)
+    if analysis.has_unresolved_jump:
+        raise refusal(analysis.unresolved, "scg.expectation",
+                      "Quadrature cannot integrate a jump it cannot locate (its gradient through the quadrature "
+                      "points misses the jump entirely), so scg refuses rather than return a wrong number. "
+                      + _AFFINE_HINT + " scg.check_grad still runs on this model and reports that its reference "
+                      "is not exact enough.")
+    if any(isinstance(x, jax.core.Tracer) for x in (*param_leaves, *input_leaves)):
+        raise refusal(analysis.unresolved, "scg.expectation",
+                      "Quadrature is not exact there, so this reference needs an error estimate (two quadrature "
+                      "orders compared), which needs concrete values: it cannot be made under jax.grad, jax.jit or "
+                      "jax.vmap. Call scg.expectation on concrete parameters for the value, scg.check_grad for a "
+                      "gradient check that accounts for the reference's error, or scg.exact.reference(...) for the "
+                      "value, the gradient and their estimated errors. " + _AFFINE_HINT)
+    coarse = integrate_prepared(prep, param_leaves, input_leaves)
+    fine = integrate_prepared(prep, param_leaves, input_leaves, refined=True)
+    error = float(jnp.abs(fine - coarse))
+    if not error <= rtol * max(abs(float(fine)), 1.0):
+        raise refusal(analysis.unresolved, "scg.expectation",
+                      f"Quadrature is not exact there: its estimated error is {error:.3g} on a value of "
+                      f"{float(fine):.6g}, above rtol={rtol:g}. Raise order=... (the error shrinks slowly at a "
+                      "kink), loosen rtol=..., or check the estimator with scg.check_grad, which accounts for the "
+                      "reference's error. " + _AFFINE_HINT)
+    return fine
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """An expectation, its gradient, and their estimated errors (0 where the integration is exact).
+
+    ``notes``: one line per kink or jump that a Normal site's value reaches, saying
+    where it is and how it was integrated, and one per ``stop_gradient``.
+    """
+
+    value: jax.Array
+    grad: list
+    value_error: float
+    grad_error: list
+    notes: tuple
+    exact: bool
+
+
+def reference(graph: Graph, param_leaves: list, input_leaves: list, *, order: int = DEFAULT_ORDER,
+              budget: int = DEFAULT_BUDGET) -> Reference:
+    """Value and gradient of ``E[Σ costs]`` with error estimates; never refuses for non-smoothness.
+
+    Exact rules (enumeration, Gauss–Hermite on smooth costs, piecewise rules at located kinks)
+    report error 0. Otherwise the graph is integrated at two levels and the difference is the
+    error; where a jump is not located the gradient's error is infinite (the quadrature misses it).
+    """
+    prep = prepare(graph, order, budget)
+    analysis = prep.analysis
+    # one compiled program per level (an eager walk compiles every primitive on its own shapes)
+    f = lambda refined: jax.jit(jax.value_and_grad(
+        lambda leaves, inputs: integrate_prepared(prep, leaves, inputs, refined=refined)))
+    value, grad = f(False)(list(param_leaves), list(input_leaves))
+    notes = tuple(k.describe() for k in analysis.kinks) + tuple(
+        f"a stop_gradient{' at ' + src if src else ''} in the value of Normal site {s!r}: its points are held "
+        "constant and the weights carry the gradient" for s, src in analysis.stop_gradients)
+    if analysis.exact:
+        return Reference(value, grad, 0.0, [jnp.zeros_like(g) for g in grad], notes, True)
+    fine, fine_grad = f(True)(list(param_leaves), list(input_leaves))
+    value_error = float(jnp.abs(fine - value))
+    if analysis.has_unresolved_jump:
+        grad_error = [jnp.full_like(g, jnp.inf) for g in fine_grad]
+    else:
+        grad_error = [jnp.abs(a - b) for a, b in zip(fine_grad, grad)]
+    return Reference(fine, fine_grad, value_error, grad_error, notes, False)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax.experimental import checkify
@@ -75,19 +76,27 @@ def parameter_checks(distribution: Any) -> list[tuple[str, Any]]:
     on their own and are skipped.
     """
     checks, d, prefix = [], distribution, ""
+    continuous = not getattr(getattr(distribution, "support", None), "is_discrete", False)
     while d is not None:
         for name, constraint in getattr(d, "arg_constraints", {}).items():
             value = d.__dict__.get(name)  # only what the user gave (probs vs logits), not lazy properties
             if value is None or constraints.is_dependent(constraint):
                 continue
+            if continuous and constraint in (constraints.real, constraints.real_vector):
+                continue  # a NaN or infinite real parameter of a continuous family already gives NaN values
             checks.append((prefix + name, jnp.all(constraint(value))))
         d, prefix = getattr(d, "base_dist", None), prefix + "base."
     return checks
 
 
 def validity_factor(env: dict, dtype: Any = jnp.float32) -> Any:
-    """``1`` where every check walked so far held, ``NaN`` otherwise (multiply it into results)."""
-    return jnp.where(env.get(VALID, True), jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
+    """``1`` where every check walked so far held, ``NaN`` otherwise (multiply it into results).
+
+    A Python ``1.0`` when no check needed run-time work, so nothing is added to the computation.
+    """
+    if VALID not in env:
+        return 1.0
+    return jnp.where(env[VALID], jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
 
 
 def walk(graph: Graph, env: dict, *, on_site: Callable, on_end: Callable, on_scan: Callable | None = None,
@@ -111,6 +120,8 @@ def walk(graph: Graph, env: dict, *, on_site: Callable, on_end: Callable, on_sca
             distribution = node.dist.build([read(env, a) for a in node.inputs])
             valid = env.get(VALID, True)
             for parameter, ok in parameter_checks(distribution):
+                if not isinstance(ok, jax.core.Tracer) and bool(ok):
+                    continue  # held on constants, at trace time: nothing to compute at run time
                 if checked:
                     checkify.check(ok, f"{node.subject}: parameter {parameter!r} of {node.dist.name} violates its "
                                        f"constraint {type(distribution).arg_constraints.get(parameter.split('.')[-1], '')}"

@@ -45,9 +45,10 @@ def _state(api: str, name: Any) -> _TraceState:
     stack = getattr(_local, "stack", None)
     if not stack:
         raise ModelError(
-            f"{api}({name!r}, ...) was called outside a traced model. Decorate the function with "
-            "@scg.model and run it through model.trace(...), scg.compile(...) or scg.expectation(...); "
-            "calling the undecorated function directly has no random keys to draw from.",
+            f"{api}({name!r}, ...) was called outside a traced model: a model function is never called "
+            "directly (there are no random keys to draw from). Decorate it with @scg.model (if it is not yet) "
+            "and run it through model.trace(params, *args), scg.compile(model) or "
+            "scg.expectation(model, params, *args).",
             site=name if isinstance(name, str) else None, source=_caller_source())
     return stack[-1]
 
@@ -137,6 +138,24 @@ def _dist_spec(distribution: Any) -> tuple[DistSpec, list]:
     return DistSpec(type(distribution), treedef, names), [_as_operand(x) for x in leaves]
 
 
+_ABSTRACT_RESULTS: dict = {}
+
+
+def _abstract_result(what: str, spec: DistSpec, shapes: list, fn: Callable) -> Any:
+    """``jax.eval_shape(fn, shapes)``, once per family, structure and operand shapes.
+
+    A model with thousands of sites of a few kinds (an unrolled chain) evaluates each kind once.
+    """
+    key = (what, spec.family, spec.treedef, tuple((s.shape, str(s.dtype)) for s in shapes))
+    try:
+        hit = _ABSTRACT_RESULTS.get(key)
+    except TypeError:  # an unhashable treedef: no caching
+        return jax.eval_shape(fn, shapes)
+    if hit is None:
+        hit = _ABSTRACT_RESULTS[key] = jax.eval_shape(fn, shapes)
+    return hit
+
+
 def _check_distribution(api: str, name: str, distribution: Any) -> None:
     if not isinstance(distribution, dist.Distribution):
         raise ModelError(
@@ -192,7 +211,7 @@ def sample(name: str, distribution: Any) -> jax.Array:
     spec, leaves = _dist_spec(distribution)
     try:
         shapes = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
-        out = jax.eval_shape(lambda ls: spec.build(ls).sample(jax.random.key(0)), shapes)
+        out = _abstract_result("sample", spec, shapes, lambda ls: spec.build(ls).sample(jax.random.key(0)))
     except (ValueError, TypeError) as e:
         raise ModelError(f"site {name!r}: cannot draw from {spec.name} with these parameters: {e}",
                          site=name, source=source) from e
@@ -273,7 +292,7 @@ def log_prob(distribution: Any, value: Any) -> jax.Array:
     value = _as_operand(value)
     try:
         shapes = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in (*leaves, value)]
-        out = jax.eval_shape(lambda ls: spec.build(ls[:-1]).log_prob(ls[-1]), shapes)
+        out = _abstract_result("log_prob", spec, shapes, lambda ls: spec.build(ls[:-1]).log_prob(ls[-1]))
     except (ValueError, TypeError) as e:
         raise ModelError(f"scg.log_prob: {spec.name}.log_prob cannot take a value of shape "
                          f"{jnp.shape(value)}: {e}", source=source) from e
@@ -318,7 +337,14 @@ def plate(name: str, size: int):
 
 
 def _check_params(model_name: str, params: Any) -> None:
-    leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(params)
+    # None is an empty pytree to JAX: without is_leaf a None parameter would vanish silently
+    leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)
+    for path, leaf in leaves_with_paths:
+        if leaf is None:
+            raise ModelError(
+                f"model {model_name!r}: parameter params{jax.tree_util.keystr(path)} is None; every parameter "
+                "must be a floating array (JAX would silently drop a None leaf, and its gradient with it). Give "
+                "it a value, e.g. jnp.zeros(3), or remove the entry")
     if not leaves_with_paths:
         raise ModelError(f"model {model_name!r}: the first argument (the parameters) has no array leaves; "
                          "pass a pytree of floating arrays, e.g. {'w': jnp.zeros(3)}")
@@ -328,7 +354,8 @@ def _check_params(model_name: str, params: Any) -> None:
             continue
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             where = "params" + jax.tree_util.keystr(path)
-            kind = f"dtype {dtype}" if dtype is not None else f"a {type(leaf).__name__}"
+            kind = (f"dtype {dtype}" if dtype is not None else
+                    f"{'an' if type(leaf).__name__[0] in 'aeiou' else 'a'} {type(leaf).__name__} ({leaf!r:.40})")
             raise ModelError(
                 f"model {model_name!r}: parameter {where} is {kind}; the first argument must be a pytree "
                 "of floating arrays (gradients are taken with respect to it). Pass data and integer "
@@ -359,6 +386,14 @@ class Model:
             self._arg_names = []
 
     def __call__(self, params, *args):
+        # inside another model's trace, calling a model inlines its sites and costs
+        if not getattr(_local, "stack", None):
+            raise ModelError(
+                f"model {self.name!r} was called directly; a model decorated with @scg.model is not run by "
+                "calling it (there are no random keys to draw from). Use "
+                f"{self.name}.trace(params, *args) for its graph, scg.compile({self.name}).loss/grad(params, "
+                f"*args, key=...) for estimates, or scg.expectation({self.name}, params, *args) for the exact "
+                "expected cost.", source=_caller_source())
         return self.fn(params, *args)
 
     def trace(self, params: Any, *args: Any) -> Graph:
@@ -557,14 +592,24 @@ def graph_from_jaxpr(name, closed, n_params, params_treedef, param_names, inputs
     return eliminate_dead_code(graph)
 
 
-def emit(fn: Callable, inputs: list, name: str = "pass", source: str | None = None) -> tuple[list, list, list]:
+_EMITTED: dict = {}
+
+
+def emit(fn: Callable, inputs: list, name: str = "pass", source: str | None = None, *,
+         cache_key: Any = None) -> tuple[list, list, list]:
     """Traces ``fn(*input_values)`` and returns ``(nodes, outputs, consts)`` that compute it from ``inputs``.
 
     Passes use this to build deterministic nodes (``loc + scale * eps``, an analytic KL)
     in the graph's own IR, from the same jaxpr reading the tracer uses.
     """
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs]
-    closed = jax.make_jaxpr(lambda *xs: fn(*xs))(*avals)
+    # a pass rewriting thousands of sites of one kind traces the rewrite once (cache_key names the kind)
+    key = None if cache_key is None else (cache_key, tuple((a.shape, str(a.dtype)) for a in avals))
+    closed = _EMITTED.get(key) if key is not None else None
+    if closed is None:
+        closed = jax.make_jaxpr(lambda *xs: fn(*xs))(*avals)
+        if key is not None:
+            _EMITTED[key] = closed
     reader = _JaxprReader(name)
     reader.bind_consts(closed.jaxpr.constvars, closed.consts)
     for v, a in zip(closed.jaxpr.invars, inputs):

@@ -175,15 +175,20 @@ def _integrate_kl(graph: Graph, sites: Iterable[str] | None, results: frozenset)
     def current_graph() -> Graph:
         return graph.with_nodes(nodes, consts)
 
+    # the sites some scg.log_prob reads, found once: a site without one costs nothing below
+    measured = {n.value for n in graph.nodes if isinstance(n, LogProb)}
     for site in candidates:
         if site.enumerated:
             notes.append(f"{site.name}: skipped, summed exactly by an earlier enumerate pass (no sampled log "
                          "density to integrate)")
             continue
-        g = current_graph()
-        site_now = next(n for n in g.sites if n.name == site.name)
-        z_reach = g.forward_reach([site_now.output]) | {g.producers[site_now.output]}
-        log_probs = [n for n in g.nodes if isinstance(n, LogProb) and n.value is site_now.output]
+        if site.output in measured:
+            g = current_graph()
+            site_now = next(n for n in g.sites if n.name == site.name)
+            z_reach = g.forward_reach([site_now.output]) | {g.producers[site_now.output]}
+            log_probs = [n for n in g.nodes if isinstance(n, LogProb) and n.value is site_now.output]
+        else:
+            g, site_now, z_reach, log_probs = None, site, frozenset(), []
         checks = Checks(NAME, site.name, strict)
         if not log_probs:
             if strict:

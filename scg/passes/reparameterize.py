@@ -157,6 +157,15 @@ def nondifferentiable_path(graph: Graph, site: Site, allow: frozenset = frozense
     return blockers(graph, allow).get(site.name)
 
 
+def _transform_kind(site: Site) -> Any:
+    """What the traced transform of a site depends on besides operand shapes (None: do not cache)."""
+    try:
+        hash(site.dist.treedef)
+    except TypeError:
+        return None
+    return ("normal_transform", site.dist.family, site.dist.treedef)
+
+
 def _normal_transform(site: Site):
     """``(leaves, eps) -> μ + σ·ε`` for a Normal-family site."""
 
@@ -270,7 +279,8 @@ def _reparameterize(graph: Graph, sites: Iterable[str] | None, allow: frozenset,
                 output=eps, source=n.source, key_name=n.key_name, plates=n.plates, discrete=False,
                 enumerable=False, reparameterizable=True, steps=n.steps)
             new_nodes, outputs, new_consts = emit(_normal_transform(n), [*n.inputs, eps], NAME,
-                                                  f"{NAME}: {n.name} = loc + scale * eps")
+                                                  f"{NAME}: {n.name} = loc + scale * eps",
+                                                  cache_key=_transform_kind(n))
             nodes += [noise, *new_nodes]
             mapping[n.output] = outputs[0]
             consts += new_consts
