@@ -6,6 +6,12 @@ A checkpoint is a directory; each save adds an orbax checkpoint ``<dir>/<n>`` of
 the caller's metadata, and a CRC-32 of each array (orbax checks only its shard indexes). Orbax writes
 ``<n>.orbax-checkpoint-tmp`` and renames it when complete; only then are older saves (and leftovers of
 interrupted ones) removed, so one complete save always remains.
+
+Sharded arrays and several processes (``jax.distributed``): every process calls
+:func:`save_checkpoint` (orbax writes each process's shards and synchronizes them); the save's number
+is process 0's, and only process 0 removes older saves and leftovers. :func:`load_checkpoint` restores
+each leaf with its template's sharding, so a checkpoint written on one mesh resumes on another (any
+number of devices or processes).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import orbax.checkpoint as ocp
 
 from scg import ScgError
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "atomic_write", "load_checkpoint", "load_metadata", "save_checkpoint"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "atomic_write", "load_checkpoint", "load_metadata", "remove_leftovers",
+           "save_checkpoint"]
 
 FORMAT_NAME = "scg.training.checkpoint"
 FORMAT_VERSION = 2  # version 1 was a single .npz file
@@ -87,8 +94,36 @@ def _checkpointer() -> Any:  # synchronous; knows both items, so warns about nei
         arrays=ocp.StandardCheckpointHandler(), scg=ocp.JsonCheckpointHandler()))
 
 
-def _crc(array: Any) -> int | None:  # None for arrays spread over processes: orbax checks only their indexes
-    return zlib.crc32(np.asarray(array).tobytes()) if getattr(array, "is_fully_addressable", True) else None
+def _crc(array: Any) -> int | None:  # None for arrays split over processes: orbax checks only their indexes
+    if getattr(array, "is_fully_addressable", True):
+        return zlib.crc32(np.asarray(array).tobytes())
+    if array.sharding.is_fully_replicated:  # every process holds the whole array
+        return zlib.crc32(np.asarray(array.addressable_data(0)).tobytes())
+    return None
+
+
+def _main() -> bool:
+    return jax.process_index() == 0
+
+
+def remove_leftovers(path: os.PathLike | str) -> list[str]:
+    """Removes the temporary directories of interrupted saves from the checkpoint directory ``path``
+    (process 0 only); returns their names. Complete saves are kept."""
+    root = pathlib.Path(path)
+    if not _main() or not root.is_dir():
+        return []
+    found = sorted(root.glob("*.orbax-checkpoint-tmp*"))
+    for leftover in found:
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    return [p.name for p in found]
+
+
+def _agreed(n: int) -> int:  # process 0's number, on every process
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(n)))
 
 
 def _saves(root: pathlib.Path) -> list[int]:
@@ -115,16 +150,25 @@ def save_checkpoint(path: os.PathLike | str, tree: Any, metadata: Mapping[str, A
             "crc32": {w: _crc(a) for w, a in arrays.items()}}
     json.dumps(info)  # refuse bad metadata before writing
     root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob("*.orbax-checkpoint-tmp*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_leftovers(root)
     old = _saves(root)
+    number = _agreed(max(old, default=0) + 1)
     items = {"scg": ocp.args.JsonSave(info)}
     if arrays:  # orbax refuses an empty item
         items["arrays"] = ocp.args.StandardSave(_nest(arrays.items()))
     with _checkpointer() as checkpointer:
-        checkpointer.save(root / str(max(old, default=0) + 1), args=ocp.args.Composite(**items))
-    for n in old:
-        shutil.rmtree(root / str(n), ignore_errors=True)
+        try:
+            checkpointer.save(root / str(number), args=ocp.args.Composite(**items))
+        except OSError:
+            raise
+        except Exception as err:  # tensorstore reports a full disk as ValueError; the previous save stays
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise CheckpointError(f"cannot write the checkpoint {os.fspath(root)!r} ({type(err).__name__}: "
+                                  f"{first}); the previous save is kept.", path=root) from err
+    if _main():
+        for n in old:
+            if n != number:
+                shutil.rmtree(root / str(n), ignore_errors=True)
 
 
 def _open(root: pathlib.Path, checkpointer: Any) -> tuple[pathlib.Path, dict, dict]:
@@ -192,8 +236,10 @@ def load_checkpoint(path: os.PathLike | str, like: Any) -> Any:
             restored = checkpointer.restore(step, args=ocp.args.Composite(
                 arrays=ocp.args.StandardRestore(abstract)))["arrays"] if abstract else {}
             values = dict(_leaves(restored)[0])
-            for w in (w for w in values if info["crc32"].get(w) not in (None, _crc(values[w]))):
-                raise ValueError(f"the data of leaf {w!r} fails its CRC-32 check")
+            for w, value in values.items():
+                saved_crc, crc = info["crc32"].get(w), _crc(value)
+                if None not in (saved_crc, crc) and saved_crc != crc:
+                    raise ValueError(f"the data of leaf {w!r} fails its CRC-32 check")
         except Exception as err:
             raise CheckpointError(_CORRUPTED.format(os.fspath(root), type(err).__name__, err), path=root) from err
     return jax.tree_util.tree_unflatten(treedef, [jax.random.wrap_key_data(values[w], impl=info["keys"][w])
