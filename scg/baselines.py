@@ -232,12 +232,24 @@ def resolve(baseline: Any) -> Baseline | None:
         return baseline
     if isinstance(baseline, str):
         if baseline not in _NAMED:
-            raise ValueError(f"unknown baseline {baseline!r}; choose one of {sorted(_NAMED)}, "
-                             "scg.baselines.learned(...), a dict of per-site choices, or a function")
+            raise ValueError(f"unknown baseline {baseline!r}; choose one of {sorted(_NAMED)} for baseline=, "
+                             "or pass scg.baselines.learned(...), a dict of per-site choices, or a function")
         return _NAMED[baseline]()
     if isinstance(baseline, Mapping):
-        return per_site(baseline)
+        for site, choice in baseline.items():
+            if not isinstance(site, str) or not site:
+                raise TypeError(f"baseline= as a dict maps site names (non-empty strings) to baselines; got the "
+                                f"key {site!r}")
+            if choice is None:
+                continue
+            try:
+                resolve(choice)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"baseline= for site {site!r}: {e}") from None
+        return per_site({site: choice for site, choice in baseline.items() if choice is not None})
     if callable(baseline):  # a plain function of the downstream costs: stateless
         return Baseline(lambda shapes, *args: None, lambda state, q, *args: (baseline(q), None), False,
                         getattr(baseline, "__name__", "custom"))
-    raise TypeError(f"a baseline must be None, a name, scg.baselines.Baseline, a dict or a function; got {baseline!r}")
+    raise TypeError(f"baseline= must be None, a name {sorted(_NAMED)}, an scg.baselines.Baseline, a dict of "
+                    f"per-site choices or a function of the downstream costs; got {type(baseline).__name__} "
+                    f"{baseline!r:.60}")

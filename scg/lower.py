@@ -7,16 +7,34 @@ computation: the graph walker runs only while JAX traces it.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from jax.experimental import checkify
 
 from scg import baselines, estimators, integrate
-from scg.errors import ModelError
+from scg.errors import ModelError, check_key
 from scg.ir import Graph
-from scg.passes import resolve_passes
-from scg.trace import Model
+from scg.passes import _check_pass_result, resolve_passes
+from scg.trace import Model, _check_params
+
+
+def _check_num_samples(num_samples: Any) -> int:
+    """``num_samples`` as an int; a ValueError naming it unless it is a positive integer (not a bool)."""
+    how = "pass the number of particles to average as a positive Python int, e.g. num_samples=4"
+    if isinstance(num_samples, (bool, np.bool_)) or getattr(num_samples, "dtype", None) == np.bool_:
+        raise ValueError(f"num_samples must be a positive int, got the bool {num_samples!r}; {how}")
+    try:
+        n = operator.index(num_samples)
+    except Exception:  # floats, strings, traced values: it is static (it sets the particle axis)
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r:.60} "
+                         f"({type(num_samples).__name__}); it is static (it sets the shape of the particle "
+                         f"axis), so {how}") from None
+    if n < 1:
+        raise ValueError(f"num_samples must be a positive int, got {n}; {how}")
+    return int(n)
 
 
 def _signature(params: Any, args: tuple) -> tuple:
@@ -59,8 +77,14 @@ class Objective:
     def __init__(self, source: Model | Graph, passes: Any = "auto", baseline: Any = None,
                  order: int = integrate.DEFAULT_ORDER, objective: str = "elbo", checked: bool = False):
         if not isinstance(source, (Model, Graph)):
-            raise TypeError(f"scg.compile expects a function decorated with @scg.model or an scg.Graph, "
-                            f"got {type(source).__name__}")
+            fn_name = getattr(source, "__name__", "fn")
+            fn_name = fn_name if fn_name.isidentifier() else "fn"
+            hint = f"; decorate it with @scg.model (or pass scg.model({fn_name}))" if callable(source) else ""
+            raise TypeError(f"scg.compile expects a function decorated with @scg.model or an scg.Graph as its "
+                            f"first argument (model_or_graph), got {type(source).__name__}{hint}")
+        if isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer)) or order < 1:
+            raise ValueError(f"scg.compile: order= (the Gauss-Hermite order of exact expectations) must be a "
+                             f"positive int, got {order!r}")
         if objective not in estimators.OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {estimators.OBJECTIVES}")
         if objective == "iwae" and baseline is not None:
@@ -95,7 +119,7 @@ class Objective:
             # stay concrete values, not tracers of that jit
             with jax.ensure_compile_time_eval():
                 for p in self.passes:
-                    graph, cert = p(graph)
+                    graph, cert = _check_pass_result(p, p(graph))
                     certificates.append(cert)
             self._graphs[sig] = (graph, tuple(certificates))
         return self._graphs[sig]
@@ -120,6 +144,20 @@ class Objective:
         shapes = {s.name: tuple(p.size for p in s.plates) for s in estimators.score_sites(graph)}
         return self.baseline.init(shapes, *args)
 
+    def _check_call(self, method: str, params: Any, args: tuple, key: Any) -> None:
+        """Entry checks of the public methods: one PRNG key, floating parameters, array-like data."""
+        check_key(key, f"Objective.{method}")
+        _check_params(self.source.name, params)
+        leaves, _ = jax.tree_util.tree_flatten_with_path(tuple(args))
+        for path, leaf in leaves:
+            array_like = hasattr(leaf, "dtype") and hasattr(leaf, "shape")
+            if not array_like and not isinstance(leaf, (bool, int, float, complex)):
+                name = (self.source._input_name(path) if isinstance(self.source, Model)
+                        else "args" + jax.tree_util.keystr(path))
+                raise TypeError(f"Objective.{method}: data argument {name} is {type(leaf).__name__} {leaf!r:.40}, "
+                                "not an array; pass arrays (or numbers) as the model's data arguments, and close "
+                                "over other settings in the model function")
+
     def _check_state(self, baseline_state: Any) -> None:
         if self.stateful and baseline_state is None:
             raise ValueError(f"the baseline {self.baseline.name!r} keeps state: pass baseline_state= (start from "
@@ -141,8 +179,7 @@ class Objective:
         return surrogate
 
     def _compiled(self, method: str, num_samples: int) -> Callable:
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        num_samples = _check_num_samples(num_samples)
         cache_key = (method, num_samples)
         if cache_key not in self._jitted:
             def run(params, args, key, baseline_state):
@@ -165,16 +202,19 @@ class Objective:
 
     def loss(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1,
              baseline_state: Any = None) -> jax.Array:
+        self._check_call("loss", params, args, key)
         return self._compiled("loss", num_samples)(params, args, key, baseline_state)
 
     def grad(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1, baseline_state: Any = None) -> Any:
         """An unbiased estimate of ``∇_θ L``; with a stateful baseline, ``(grads, new_baseline_state)``."""
+        self._check_call("grad", params, args, key)
         self._check_state(baseline_state)
         return self._compiled("grad", num_samples)(params, args, key, baseline_state)
 
     def value_and_grad(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1,
                        baseline_state: Any = None) -> tuple:
         """``(loss, grads)``; with a stateful baseline, ``(loss, grads, new_baseline_state)``."""
+        self._check_call("value_and_grad", params, args, key)
         self._check_state(baseline_state)
         return self._compiled("value_and_grad", num_samples)(params, args, key, baseline_state)
 
@@ -200,6 +240,7 @@ class Objective:
           >>> sorted(state)
           ['b']
         """
+        self._check_call("value_and_grad_with_state", params, args, key)
         if baseline_state is None:
             raise ValueError("value_and_grad_with_state: pass baseline_state= (start from "
                              "objective.init_baseline_state(params, *args)); it is scg.baselines.EmptyState() "
@@ -210,12 +251,18 @@ class Objective:
 
     def surrogate(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 1,
                   baseline_state: Any = None) -> jax.Array:
+        self._check_call("surrogate", params, args, key)
         return self._compiled("surrogate", num_samples)(params, args, key, baseline_state)
 
     def unjitted_grad(self, params: Any, *args: Any, num_samples: int = 1, baseline_state: Any = None) -> Callable:
         """``key -> grad`` at fixed ``params``, data and baseline state, for the caller's own transformations."""
-        surrogate = self._surrogate_fn(params, args, num_samples)
-        return lambda key: jax.grad(lambda p: surrogate(p, key, baseline_state)[0])(params)
+        surrogate = self._surrogate_fn(params, args, _check_num_samples(num_samples))
+
+        def grad_at(key):
+            check_key(key, "Objective.unjitted_grad(...)(key)")
+            return jax.grad(lambda p: surrogate(p, key, baseline_state)[0])(params)
+
+        return grad_at
 
     def __repr__(self) -> str:
         name = self.source.name

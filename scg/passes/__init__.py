@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from scg.ir import Graph
 from scg.passes.certificate import Certificate as Certificate, Precondition as Precondition
 from scg.passes.enumerate import enumerate as enumerate  # noqa: A004 - the public name
 from scg.passes.integrate_kl import integrate_kl as integrate_kl
@@ -39,7 +40,7 @@ def chain(*passes: Callable) -> Callable:
     def chained(graph, sites=None):
         certificates = []
         for p in passes:
-            graph, cert = p(graph, sites=sites) if sites is not None else p(graph)
+            graph, cert = _check_pass_result(p, p(graph, sites=sites) if sites is not None else p(graph))
             certificates.append(cert)
         first, last = certificates[0].before if certificates else graph, graph
         cert = Certificate(
@@ -48,7 +49,8 @@ def chain(*passes: Callable) -> Callable:
             nodes=tuple(n for c in certificates for n in c.nodes),
             preconditions=tuple(p for c in certificates for p in c.preconditions),
             identity="; ".join(c.identity for c in certificates if c.rewritten) or "(no rewrite)",
-            before=first, after=last)
+            before=first, after=last,
+            notes=tuple(f"{c.pass_name}: {n}" for c in certificates for n in getattr(c, "notes", ())))
         return graph, cert
 
     chained.__name__ = "chain(" + ", ".join(getattr(p, "__name__", "?") for p in passes) + ")"
@@ -76,6 +78,23 @@ def auto(graph, sites=None):
     return chain(integrate_kl, reparameterize)(graph, sites=sites)
 
 
+def _pass_name(p: Any) -> str:
+    return getattr(p, "__name__", None) or repr(p)
+
+
+def _check_pass_result(p: Callable, result: Any) -> tuple:
+    """``result`` as ``(graph, certificate)``; a TypeError naming the pass when it returned anything else."""
+    if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Graph)
+            and isinstance(result[1], Certificate)):
+        return result
+    got = (f"a tuple of ({', '.join(type(x).__name__ for x in result)})" if isinstance(result, tuple)
+           else f"a {type(result).__name__}")
+    raise TypeError(
+        f"pass {_pass_name(p)!r} returned {got}; a pass returns (graph, certificate): the new scg.Graph and an "
+        "scg.passes.Certificate(pass_name, rewritten, nodes, preconditions, identity, before=graph, "
+        "after=new_graph) recording what it did")
+
+
 _BY_NAME = {"auto": auto, "reparameterize": reparameterize, "integrate_kl": integrate_kl, "enumerate": enumerate}
 
 
@@ -95,13 +114,18 @@ def resolve_passes(passes: Any) -> list:
         passes = [passes]
     if callable(passes):
         passes = [passes]
+    if not isinstance(passes, (list, tuple)):
+        raise TypeError(f"passes= must be 'auto', None/'none'/[], a pass, or a list of passes (functions "
+                        f"Graph -> (Graph, Certificate)) or pass names {sorted(_BY_NAME)}; got "
+                        f"{type(passes).__name__} {passes!r:.60}")
     out = []
-    for p in passes:
+    for i, p in zip(range(len(passes)), passes):  # `enumerate` is the pass here
         if isinstance(p, str):
             if p not in _BY_NAME:
-                raise ValueError(f"unknown pass {p!r}; known passes: {sorted(_BY_NAME)}")
+                raise ValueError(f"unknown pass {p!r} in passes= (item {i}); known passes: {sorted(_BY_NAME)}")
             p = _BY_NAME[p]
         if not callable(p):
-            raise TypeError(f"a pass must be a function Graph -> (Graph, Certificate) or a pass name, got {p!r}")
+            raise TypeError(f"passes= item {i}: a pass must be a function Graph -> (Graph, Certificate) or a pass "
+                            f"name {sorted(_BY_NAME)}, got {type(p).__name__} {p!r:.60}")
         out.append(p)
     return out

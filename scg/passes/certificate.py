@@ -35,6 +35,8 @@ class Certificate:
         not named in ``sites=`` are recorded here and the site left as it was).
       identity: the expectation-preserving identity the rewrite relies on.
       before, after: the graphs, so :meth:`verify` can compare them.
+      notes: why sites were left alone (e.g. already rewritten by an earlier
+        pass), so a pass that rewrote nothing says why.
     """
 
     pass_name: str
@@ -44,6 +46,7 @@ class Certificate:
     identity: str
     before: Any = dataclasses.field(repr=False, compare=False, default=None)
     after: Any = dataclasses.field(repr=False, compare=False, default=None)
+    notes: tuple = ()
 
     def __str__(self) -> str:
         lines = [f"certificate: {self.pass_name}",
@@ -51,6 +54,7 @@ class Certificate:
                  f"  rewritten: {', '.join(self.rewritten) if self.rewritten else '(nothing)'}"]
         lines += [f"  node: {n}" for n in self.nodes]
         lines += [f"  precondition {p}" for p in self.preconditions]
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def verify(self, params: Any, *args: Any, key: jax.Array, num_samples: int = 2000, **options: Any):

@@ -58,12 +58,15 @@ def enumerate(graph: Graph, sites: Iterable[str] | None = None, *, budget: int =
       0.5
     """
     candidates, strict = candidate_sites(graph, sites, NAME)
-    records, chosen = [], []
+    records, chosen, notes = [], [], []
     already = [s for s in graph.sites if s.enumerated]
     for site in candidates:
         if site.enumerated:
+            notes.append(f"{site.name}: skipped, already enumerated by an earlier enumerate pass")
             continue
         if not strict and not site.discrete:
+            notes.append(f"{site.name}: skipped, {site.dist.name} is continuous (no finite support to sum over)"
+                         + (" and already drawn pathwise by reparameterize" if site.reparameterized else ""))
             continue
         checks = Checks(NAME, site.name, strict)
         checks.check("finite support", site.enumerable and not site.reparameterized,
@@ -88,4 +91,4 @@ def enumerate(graph: Graph, sites: Iterable[str] | None = None, *, budget: int =
     new_graph = graph.replace(nodes=nodes)
     described = tuple(f"{s.name} ~ {s.dist.name}: summed over {sizes[s.name]:,} values" for s in chosen)
     return new_graph, Certificate(NAME, tuple(s.name for s in chosen), described, tuple(records), IDENTITY,
-                                  before=graph, after=new_graph)
+                                  before=graph, after=new_graph, notes=tuple(notes))
