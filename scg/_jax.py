@@ -67,6 +67,21 @@ cost_p.def_abstract_eval(lambda value, *, spec: jax.core.ShapedArray(value.shape
 SCG_PRIMITIVES = (sample_p, log_prob_p, cost_p)
 
 
+def def_batching(primitive: Any, rule: Any) -> None:
+    """Registers ``rule(axis, size, batched_args, batch_dims, **params) -> (out, out_dim)`` for ``jax.vmap``.
+
+    ``axis`` is the same object for every primitive under one ``jax.vmap`` and another
+    object under another one (so a vmap can be told apart from its siblings), ``size``
+    its length; a batch dimension of ``None`` marks an argument that is not mapped. The
+    rule is called even when no argument is mapped (a sample under vmap is still drawn
+    per example).
+    """
+    from jax.interpreters import batching  # the public module; imported here to keep it beside the rule
+
+    batching.fancy_primitive_batchers[primitive] = (
+        lambda axis, args, dims, **params: rule(axis, axis.size, args, dims, **params))
+
+
 def bind(primitive: Any, params: dict, invals: list) -> list:
     """Re-binds a jaxpr equation on new operands; always returns a list of outputs."""
     bind_params = primitive.get_bind_params(params)
@@ -250,3 +265,120 @@ HIDDEN_PARAMS = frozenset({
 
 def is_jaxpr(value: Any) -> bool:
     return isinstance(value, (Jaxpr, ClosedJaxpr))
+
+
+# --- smoothness (exact references: where a Normal site's value meets a kink or a jump) ------------
+# "kink": continuous, with a derivative that jumps (abs, max/min, relu, clamp, sort);
+# "jump": the value jumps (comparisons, rounding, sign, argmax);
+# "null": differs from a constant or a smooth function only on a set of measure zero (x == y,
+# is_finite), which no integral sees.
+# Default (:func:`smoothness`): a primitive not listed is smooth when every output is floating or
+# no operand is floating; a floating operand turned into an integer or boolean output (a cast to
+# int, an unknown primitive) is a jump whose location scg does not know.
+NON_SMOOTH = {
+    **dict.fromkeys(("lt", "le", "gt", "ge", "sign", "floor", "ceil", "round", "argmax", "argmin", "rem",
+                     "nextafter", "reduce_precision", "atan2", "random_bits", "rng_bit_generator"), "jump"),
+    **dict.fromkeys(("abs", "max", "min", "clamp", "sort", "reduce_max", "reduce_min", "cummax", "cummin",
+                     "top_k"), "kink"),
+    **dict.fromkeys(("eq", "ne", "is_finite"), "null"),
+}
+
+
+def _pairwise_differences(x: Any, axes: Iterable[int]) -> Any:
+    """``x_i − x_j`` for every pair ``i < j`` along ``axes`` (flattened), where orderings change."""
+    axes = tuple(a % max(np.ndim(x), 1) for a in axes)
+    x = jax.numpy.moveaxis(x, axes, tuple(range(np.ndim(x) - len(axes), np.ndim(x))))
+    n = int(np.prod(x.shape[np.ndim(x) - len(axes):], dtype=np.int64))
+    x = x.reshape(x.shape[:np.ndim(x) - len(axes)] + (n,))
+    i, j = np.triu_indices(n, 1)
+    return x[..., i] - x[..., j]
+
+
+# Where a kink or a jump sits: each function maps the equation's operands and params to arrays
+# whose zeros are the breakpoints. Default: absent, the breakpoints are unknown (floor jumps at every
+# integer), and a reference that meets such a primitive is not exact.
+KINK_ARGUMENTS = {
+    **dict.fromkeys(("lt", "le", "gt", "ge", "max", "min"), lambda ins, p: [ins[0] - ins[1]]),
+    **dict.fromkeys(("abs", "sign"), lambda ins, p: [ins[0]]),
+    "clamp": lambda ins, p: [ins[1] - ins[0], ins[1] - ins[2]],
+    **dict.fromkeys(("reduce_max", "reduce_min", "argmax", "argmin"),
+                    lambda ins, p: [_pairwise_differences(ins[0], p["axes"])]),
+    **dict.fromkeys(("sort", "cummax", "cummin"),
+                    lambda ins, p: [_pairwise_differences(ins[0], (p["dimension"] if "dimension" in p else p["axis"],))]),
+}
+
+
+def _is_floating(dtype: Any) -> bool:
+    return not str(dtype).startswith("key") and np.issubdtype(np.dtype(dtype), np.inexact)
+
+
+def smoothness(primitive_name: str, params: dict, in_dtypes: Iterable, out_dtypes: Iterable,
+               literal_operands: dict | None = None) -> str:
+    """``"smooth"``, ``"null"``, ``"kink"`` or ``"jump"`` for one first-order equation.
+
+    ``literal_operands`` maps operand positions to constant values: ``max(x, -inf)`` (how
+    ``logsumexp`` guards an empty reduction) is the identity, not a kink.
+    """
+    in_dtypes, out_dtypes = list(in_dtypes), list(out_dtypes)
+    literal_operands = literal_operands or {}
+    if primitive_name in ("max", "min") and any(np.all(np.isinf(np.asarray(v))) for v in literal_operands.values()):
+        return "smooth"
+    if primitive_name == "sort" and len(in_dtypes) > int(params.get("num_keys", 1)):
+        return "jump"  # the values sorted along with the keys swap where two keys cross
+    kind = NON_SMOOTH.get(primitive_name)
+    if kind is not None:
+        return kind
+    if any(_is_floating(d) for d in in_dtypes) and not all(_is_floating(d) for d in out_dtypes):
+        return "jump"
+    return "smooth"
+
+
+def kink_arguments(primitive_name: str, invals: list, params: dict) -> list | None:
+    """The arrays whose zeros are the equation's breakpoints, or None where scg does not know them."""
+    rule = KINK_ARGUMENTS.get(primitive_name)
+    return None if rule is None else rule(invals, params)
+
+
+# Transparent calls: a body that computes the equation's outputs from its operands, one to one.
+# Their bodies are analysed for kinks. Default: any other sub-jaxpr (a loop, a branch) is opaque.
+CALL_BODY_PARAM = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
+                   "jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+                   "remat2": "jaxpr", "checkpoint": "jaxpr"}
+# Calls whose derivative is the user's rule, not the body's: a stop_gradient in their body is not
+# on a differentiated path.
+CUSTOM_DERIVATIVE_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
+def call_body(primitive_name: str, params: dict) -> tuple[Jaxpr, list] | None:
+    """``(jaxpr, consts)`` of a transparent call (its invars are the equation's operands), else None."""
+    key = CALL_BODY_PARAM.get(primitive_name)
+    body = params.get(key) if key else None
+    if isinstance(body, ClosedJaxpr):
+        return body.jaxpr, list(body.consts)
+    if isinstance(body, Jaxpr):
+        return body, []
+    return None
+
+
+# Affine maps (exact references: a kink whose argument is affine in a Normal coordinate is
+# integrated piecewise). "linear": the output is linear in the operands jointly, except the operands
+# listed in AFFINE_CONSTANT_OPERANDS, which must not depend on the coordinate (indices, a where's
+# predicate); "scaling" and "divide" as in LINEARITY. Default: not affine.
+AFFINE = {
+    **{k: v for k, v in LINEARITY.items()},
+    **dict.fromkeys(("slice", "concatenate", "pad", "rev", "cumsum", "select_n", "dynamic_slice",
+                     "dynamic_update_slice", "gather", "stack", "real"), "linear"),
+}
+AFFINE_CONSTANT_OPERANDS = {
+    "select_n": lambda n: (0,),
+    "dynamic_slice": lambda n: tuple(range(1, n)),
+    "dynamic_update_slice": lambda n: tuple(range(2, n)),
+    "gather": lambda n: (1,),
+}
+
+
+def affine_rule(primitive_name: str, n_operands: int) -> tuple[str, tuple]:
+    """``(kind, operands that must be constant)`` for the affine analysis."""
+    rule = AFFINE.get(primitive_name, "nonlinear")
+    constant = AFFINE_CONSTANT_OPERANDS.get(primitive_name)
+    return rule, (constant(n_operands) if constant else ())

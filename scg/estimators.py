@@ -106,6 +106,31 @@ class ScanTerms(NamedTuple):
     log_density: jax.Array
 
 
+def _refuse_moving_supports(graph: Graph, sites: Any, in_loop_body: bool) -> None:
+    """A score-function site whose support moves with θ (Uniform's bounds, Pareto's scale) is refused.
+
+    ``∇E[f(z)] = E[f(z)∇log p(z)]`` needs the support to stay put: when it moves with θ the
+    boundary term of the Leibniz rule is missing and the estimate is biased, silently.
+    """
+    reached = None
+    constants = {v for v, _ in graph.consts}
+    for site in sites:
+        operands = [site.inputs[i] for i in site.support_inputs if isinstance(site.inputs[i], Var)]
+        if in_loop_body:  # θ reaches a body only through its operands: any computed bound may depend on it
+            moving = [a for a in operands if a not in constants]
+        else:
+            reached = graph.forward_reach(graph.params) if reached is None else reached
+            moving = [a for a in operands if a in graph.params or graph.producers.get(a) in reached]
+        if moving:
+            names = ", ".join(dict.fromkeys(site.dist.leaf_names[i] for i in site.support_inputs))
+            raise ModelError(
+                f"site {site.name!r}: the support of {site.dist.name} is set by its operands ({names}), which "
+                "depend on the parameters; the score-function estimator is biased when the support moves with "
+                "θ (the boundary term is missing). Reparameterize the site (passes='auto' or "
+                f"scg.passes.reparameterize(graph, sites=[{site.name!r}])), or make the bounds constants.",
+                site=site.name, source=site.source)
+
+
 def _draw_key(key: jax.Array, site: Site, steps: tuple) -> jax.Array:
     """``fold_in(site_key(key, name), t)`` for every enclosing loop step ``t`` (none outside loops)."""
     k = site_key(key, site.key_name)
@@ -133,6 +158,7 @@ def _walk_estimate(graph: Graph, env: dict, key: jax.Array, *, steps: tuple, ord
     """
     scored = {s.name: s for s in score_sites(graph, every_sampled=every_sampled)}
     loops = {s.name: s for s in graph.scans}
+    _refuse_moving_supports(graph, scored.values(), every_sampled)
 
     def on_site(site: Site, distribution: Any, env: dict, continue_with: Callable):
         if site.enumerated:

@@ -105,6 +105,8 @@ class Site:
     ``enumerated``: summed over exactly (weighted by its probabilities) rather than sampled.
     ``key_name``: the name the site's random key is derived from (a pass that
     rewrites a site keeps the original name, so the same key gives the same value).
+    ``support_inputs``: the operands the family's support depends on (``Uniform``'s
+    bounds, ``Pareto``'s scale): a score-function estimator is biased when they depend on θ.
     ``steps``: for a site unrolled from step ``t`` of a scan, ``(t,)`` (``(t, u)``
     for nested scans); its key is the scan site's key folded with each step, so
     the unrolled graph draws the same values as the loop.
@@ -123,6 +125,7 @@ class Site:
     reparameterized: bool = False
     enumerated: bool = False
     steps: tuple = ()
+    support_inputs: tuple = ()  # indices of the operands the support depends on (Uniform's low, high)
 
     @property
     def outputs(self) -> tuple:

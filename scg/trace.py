@@ -10,6 +10,7 @@ it cannot see into.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import threading
@@ -36,6 +37,7 @@ class _TraceState:
         self.site_names: dict[str, str] = {}
         self.cost_names: dict[str, str] = {}
         self.plates: list[Plate] = []
+        self.vmaps: list = []  # (vmap axis, plate name) for each jax.vmap seen so far
 
 
 _local = threading.local()
@@ -85,6 +87,7 @@ class SiteSpec:
     discrete: bool
     enumerable: bool
     reparameterizable: bool
+    support_inputs: tuple = ()
 
     def __str__(self) -> str:  # shown by jaxpr printing
         return f"{self.name}~{self.dist.name}"
@@ -156,6 +159,12 @@ def _abstract_result(what: str, spec: DistSpec, shapes: list, fn: Callable) -> A
     return hit
 
 
+def _support_operands(support: Any, leaves: list) -> tuple:
+    """Indices of the distribution's operands its support is built from (found by identity)."""
+    bounds = [v for v in vars(support).values() if isinstance(v, jax.Array)] if support is not None else []
+    return tuple(i for i, leaf in enumerate(leaves) if any(leaf is b for b in bounds))
+
+
 def _check_distribution(api: str, name: str, distribution: Any) -> None:
     if not isinstance(distribution, dist.Distribution):
         raise ModelError(
@@ -174,6 +183,77 @@ def _check_plates(kind: str, name: str, shape: tuple, plates: tuple, source: str
                 f"must have size {p.size}, but its shape is {tuple(shape)} ({found}). Make the plate "
                 "dimension the leading dimension (vectorize over the examples), or move the "
                 f"{kind} outside the plate.", site=name, source=source)
+
+
+# --- jax.vmap: the mapped axis is a plate ------------------------------------------------------------
+
+
+def _vmap_plate(axis: Any, size: int, plates: tuple) -> tuple:
+    """The plates of a site or cost under one more ``jax.vmap``: that vmap's plate at dimension 0.
+
+    Sites and costs under the same ``jax.vmap`` share its plate (``vmap1``, ``vmap2``, ... in order
+    of first use); sibling vmaps are distinct plates, nested vmaps nested plates.
+    """
+    state = _state("jax.vmap of a model", "<vmap>")
+    for seen, name in state.vmaps:
+        if seen is axis:
+            break
+    else:
+        name = f"vmap{len(state.vmaps) + 1}"
+        state.vmaps.append((axis, name))  # the axis object is kept, so its identity stays unique
+    return (Plate(name, int(size), 0), *(Plate(p.name, p.size, p.dim + 1) for p in plates))
+
+
+def _batched_distribution(spec: DistSpec, leaves: list, dims: list, size: int, what: str) -> tuple[DistSpec, list]:
+    """The distribution of every example at once: batched operands moved to the front, rebuilt by the
+    family's constructor (so its batch shape gains the mapped axis); unmapped operands broadcast.
+
+    With no mapped operand every example still draws its own value: the distribution is expanded.
+    """
+    if all(d is None for d in dims):
+        base = spec.build(leaves)
+        return _dist_spec(base.expand((size, *base.batch_shape)))
+    if any("." in n or n.startswith("arg") for n in spec.leaf_names):
+        raise ModelError(
+            f"{what}: a {spec.name} inside jax.vmap is not supported (its operands are not the constructor's "
+            "own arguments, e.g. a .to_event() or .expand() wrapper). Build the distribution outside the "
+            "wrapper's vmap, or use scg.plate over a batch dimension instead of jax.vmap.")
+    moved = [x if d is None else jnp.moveaxis(x, d, 0) for x, d in zip(leaves, dims)]
+    return _dist_spec(spec.family(**dict(zip(spec.leaf_names, moved))))
+
+
+def _sample_batched(axis, size, args, dims, *, spec):
+    new_dist, leaves = _batched_distribution(spec.dist, list(args), list(dims), size, f"site {spec.name!r}")
+    shape = (size, *spec.shape)
+    new = dataclasses.replace(spec, dist=new_dist, shape=shape, plates=_vmap_plate(axis, size, spec.plates))
+    return _jax.sample_p.bind(*leaves, spec=new), 0
+
+
+def _log_prob_batched(axis, size, args, dims, *, spec):
+    *leaves, value = args
+    *leaf_dims, value_dim = dims
+    if all(d is None for d in leaf_dims):  # one distribution, many values: nothing to rebuild
+        new_dist, new_leaves = spec.dist, list(leaves)
+    else:
+        new_dist, new_leaves = _batched_distribution(spec.dist, leaves, leaf_dims, size, "scg.log_prob")
+    value = jnp.broadcast_to(value[None], (size, *value.shape)) if value_dim is None else jnp.moveaxis(value, value_dim, 0)
+    out = jax.eval_shape(lambda ls: new_dist.build(ls[:-1]).log_prob(ls[-1]),
+                         [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in (*new_leaves, value)])
+    new = dataclasses.replace(spec, dist=new_dist, shape=tuple(out.shape), dtype=out.dtype)
+    return _jax.log_prob_p.bind(*new_leaves, value, spec=new), 0
+
+
+def _cost_batched(axis, size, args, dims, *, spec):
+    (value,), (dim,) = args, dims
+    # a cost every example shares (not mapped) is still each example's cost
+    value = jnp.broadcast_to(value, (size, *value.shape)) if dim is None else jnp.moveaxis(value, dim, 0)
+    new = dataclasses.replace(spec, plates=_vmap_plate(axis, value.shape[0], spec.plates))
+    return _jax.cost_p.bind(value, spec=new), 0
+
+
+_jax.def_batching(_jax.sample_p, _sample_batched)
+_jax.def_batching(_jax.log_prob_p, _log_prob_batched)
+_jax.def_batching(_jax.cost_p, _cost_batched)
 
 
 # --- the user-facing primitives --------------------------------------------------------------------
@@ -222,7 +302,8 @@ def sample(name: str, distribution: Any) -> jax.Array:
         name=name, dist=spec, shape=tuple(out.shape), dtype=out.dtype, source=source, plates=plates,
         discrete=bool(getattr(support, "is_discrete", False)),
         enumerable=bool(distribution.has_enumerate_support),
-        reparameterizable=bool(distribution.has_rsample))
+        reparameterizable=bool(distribution.has_rsample),
+        support_inputs=_support_operands(support, leaves))
     state.site_names[name] = source or "?"
     return _jax.sample_p.bind(*leaves, spec=site_spec)
 
@@ -504,7 +585,7 @@ class _JaxprReader:
                 self.nodes.append(Site(
                     name=spec.name, dist=spec.dist, inputs=tuple(inputs), output=outputs[0], source=spec.source,
                     key_name=spec.name, plates=spec.plates, discrete=spec.discrete, enumerable=spec.enumerable,
-                    reparameterizable=spec.reparameterizable))
+                    reparameterizable=spec.reparameterizable, support_inputs=spec.support_inputs))
                 self.nodes.append(Check(f"site {spec.name!r}", spec.dist, tuple(inputs), spec.source))
             elif prim is _jax.log_prob_p:
                 spec = eqn.params["spec"]

@@ -94,14 +94,11 @@ def test_check_key_directly():
         check_key("0", "here")
 
 
-@pytest.mark.xfail(reason="needs `check_key(key, 'scg.check_grad')` at the top of scg.exact.check_grad", strict=False)
 def test_check_grad_names_a_bad_key():
     with pytest.raises(TypeError, match=r"scg.check_grad: key=0 is an int"):
         scg.check_grad(coin, {"w": jnp.array(0.0)}, X, key=0, num_samples=10)
 
 
-@pytest.mark.xfail(reason="needs `check_key(key, 'Certificate.verify')` at the top of Certificate.verify",
-                   strict=False)
 def test_certificate_verify_names_a_bad_key():
     _, cert = scg.passes.integrate_kl(normal_kl.trace(P, X))
     with pytest.raises(TypeError, match=r"Certificate.verify: key=None"):

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import jax
 
+from scg.errors import check_key
 from scg.verify import verify_rewrite
 
 
@@ -78,6 +79,7 @@ class Certificate:
           >>> cert.verify(params, x, key=jax.random.key(0)).ok
           True
         """
+        check_key(key, "Certificate.verify")
         return verify_rewrite(self, params, *args, key=key, num_samples=num_samples, **options)
 
 
