@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -61,7 +62,10 @@ def _add_common_arguments(parser: argparse.ArgumentParser, *, name: str, batch_s
                         help=f"output folder: metrics.jsonl, checkpoint, PNGs (default runs/{name})")
     parser.add_argument("--seed", type=_non_negative_int, default=0,
                         help="seeds the initialization, batch order and sampling (default 0)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out that holds a run (deletes its checkpoint, metrics.jsonl "
+                             "and final.json); without it or --resume such a folder is refused")
     parser.add_argument("--passes", choices=("auto", "none"), default="auto", help=passes_help)
     parser.add_argument("--num-samples", type=_positive_int, default=1,
                         help="particles per gradient estimate (default 1)")
@@ -73,6 +77,77 @@ def _add_common_arguments(parser: argparse.ArgumentParser, *, name: str, batch_s
     parser.add_argument("--eval-batch-size", type=_positive_int, default=500,
                         help="test examples per evaluation call (default 500)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group = parser.add_argument_group(
+        "devices", "data parallelism: each batch is split over the devices (of every process); parameters and "
+                   "optimizer state are replicated; the same --seed gives the same run on any number of devices")
+    group.add_argument("--devices", type=_positive_int, default=None,
+                       help="devices to use in each process (default: all; on CPU, this many CPU devices are made)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                       help="address of process 0 for a run over several processes (jax.distributed); with "
+                            "--num-processes and --process-id")
+    group.add_argument("--num-processes", type=_positive_int, default=None, help="processes taking part")
+    group.add_argument("--process-id", type=_non_negative_int, default=None, help="this process's index (0 ... N-1)")
+    group.add_argument("--distributed", choices=("auto",), default=None,
+                       help="auto: let JAX read the cluster launcher's settings (SLURM, Open MPI, TPU, ...)")
+
+
+def _check_out(args: argparse.Namespace) -> pathlib.Path:
+    """Refuses an --out that is a file, or that holds a run without --resume/--overwrite (before any work)."""
+    from scg.training import devices, run_files
+
+    out = pathlib.Path(args.out)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; choose another --out")
+    found = run_files(out) if out.is_dir() else []
+    if found and not (args.resume or args.overwrite):
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}): add --resume to continue it, or "
+                         "--overwrite to delete it and start afresh (or choose another --out)")
+    devices.barrier("scg: --out checked")  # by every process, before process 0 writes to it
+    return out
+
+
+def _setup_devices(args: argparse.Namespace):
+    """Starts jax.distributed where asked and returns the data-parallel mesh (None: one device in all)."""
+    distributed = [f for f, v in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
+                                  ("--process-id", args.process_id)) if v is not None]
+    if args.distributed and distributed:
+        raise UsageError(f"--distributed auto reads the cluster's settings; drop {', '.join(distributed)}")
+    if distributed and len(distributed) < 3:
+        raise UsageError("a run over several processes needs --coordinator HOST:PORT, --num-processes N and "
+                         "--process-id I (the same coordinator and N on every process)")
+    if args.process_id is not None and args.process_id >= args.num_processes:
+        raise UsageError(f"--process-id must be below --num-processes ({args.num_processes}), got {args.process_id}")
+
+    from scg.training import devices
+
+    try:
+        devices.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
+                           process_id=args.process_id, auto=bool(args.distributed), cpu_devices=args.devices)
+    except RuntimeError as err:  # JAX was started already (e.g. main() called twice in one process)
+        if args.coordinator or args.distributed:
+            raise UsageError(f"cannot start jax.distributed: {str(err).splitlines()[0]}") from None
+    import jax
+
+    local = len(jax.local_devices())
+    if args.devices is not None and args.devices > local:
+        raise UsageError(f"--devices {args.devices}: this process has only {local} "
+                         f"{jax.local_devices()[0].platform} devices")
+    mesh = devices.data_mesh(args.devices)
+    return None if mesh.size == 1 and jax.process_count() == 1 else mesh
+
+
+def _describe_mesh(mesh) -> str:
+    import jax
+
+    if mesh is None:
+        return "1 device"
+    per = mesh.size // jax.process_count()
+    platform = mesh.devices.flat[0].platform
+    if jax.process_count() == 1:
+        return f"{mesh.size} {platform} devices"
+    return f"{jax.process_count()} processes x {per} {platform} devices"
 
 
 def _add_aevb_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +168,9 @@ def _run_aevb(args: argparse.Namespace) -> int:
     from scg.datasets import load_mnist
     from scg.models import aevb
 
-    out = pathlib.Path(args.out)
+    mesh = _setup_devices(args)
+    out = _check_out(args)
+    _check_batch_size(args, mesh)
     mnist = load_mnist(args.data_dir)
     train_x, test_x = mnist.train_images, mnist.test_images
     x_dim = int(train_x.shape[1])
@@ -110,13 +187,14 @@ def _run_aevb(args: argparse.Namespace) -> int:
               "biases": args.biases, "batch_size": args.batch_size, "seed": args.seed, "passes": args.passes,
               "lr": args.lr, "num_samples": args.num_samples, "train_examples": int(train_x.shape[0])}
 
-    print(f"scg aevb: {x_dim}-{args.hidden}-{args.hidden}-{args.latent}{' with biases' if args.biases else ''}, "
-          f"passes={args.passes}, {train_x.shape[0]} training and {test_x.shape[0]} test images, "
-          f"batch {args.batch_size}, {train_x.shape[0] // args.batch_size} steps/epoch, out {out}", flush=True)
+    _say(f"scg aevb: {x_dim}-{args.hidden}-{args.hidden}-{args.latent}{' with biases' if args.biases else ''}, "
+         f"passes={args.passes}, {train_x.shape[0]} training and {test_x.shape[0]} test images, "
+         f"batch {args.batch_size}, {train_x.shape[0] // args.batch_size} steps/epoch, {_describe_mesh(mesh)}, "
+         f"out {out}")
     return _train_and_report(
         args, aevb, objective, eval_objective, optimizer, params, train_x, test_x, config,
         keys=(run_key, final_key, plot_key), curve_title="AEVB on MNIST",
-        samples_title="samples from the prior", iwae_batch_size=None)
+        samples_title="samples from the prior", iwae_batch_size=None, mesh=mesh)
 
 
 # --------------------------------------------------------------------------- #
@@ -155,7 +233,9 @@ def _run_sbn(args: argparse.Namespace) -> int:
     if args.baseline == "leave_one_out" and args.num_samples < 2:
         raise UsageError("--baseline leave_one_out averages the other particles' costs: it needs "
                          f"--num-samples 2 or more (got {args.num_samples})")
-    out = pathlib.Path(args.out)
+    mesh = _setup_devices(args)
+    out = _check_out(args)
+    _check_batch_size(args, mesh)
     train_x, _, test_x = load_binarized_mnist(args.data_dir)
     x_dim = int(train_x.shape[1])
     if args.batch_size > train_x.shape[0]:
@@ -178,15 +258,15 @@ def _run_sbn(args: argparse.Namespace) -> int:
               "lr": args.lr, "baseline_lr": args.baseline_lr if args.baseline == "nvil" else None,
               "num_samples": args.num_samples, "train_examples": int(train_x.shape[0])}
 
-    print(f"scg sbn: {x_dim}-{args.hidden} sigmoid belief net, recognition "
-          f"{'linear' if not args.recognition_hidden else f'MLP {x_dim}-{args.recognition_hidden}-{args.hidden}'}, "
-          f"baseline={args.baseline}, passes={args.passes}, K={args.num_samples}, Adam({args.lr}), "
-          f"{train_x.shape[0]} training and {test_x.shape[0]} test images, batch {args.batch_size}, "
-          f"{train_x.shape[0] // args.batch_size} steps/epoch, out {out}", flush=True)
+    _say(f"scg sbn: {x_dim}-{args.hidden} sigmoid belief net, recognition "
+         f"{'linear' if not args.recognition_hidden else f'MLP {x_dim}-{args.recognition_hidden}-{args.hidden}'}, "
+         f"baseline={args.baseline}, passes={args.passes}, K={args.num_samples}, Adam({args.lr}), "
+         f"{train_x.shape[0]} training and {test_x.shape[0]} test images, batch {args.batch_size}, "
+         f"{train_x.shape[0] // args.batch_size} steps/epoch, {_describe_mesh(mesh)}, out {out}")
     return _train_and_report(
         args, sbn, objective, eval_objective, optimizer, params, train_x, test_x, config,
         keys=(run_key, final_key, plot_key), curve_title=f"SBN {x_dim}-{args.hidden} on binarized MNIST",
-        samples_title="samples from the model (pixel means)", iwae_batch_size=args.eval_batch_size)
+        samples_title="samples from the model (pixel means)", iwae_batch_size=args.eval_batch_size, mesh=mesh)
 
 
 # --------------------------------------------------------------------------- #
@@ -194,21 +274,60 @@ def _run_sbn(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- #
 
 
+def _say(line: str) -> None:
+    """Prints on process 0 only (every process of a distributed run runs the same command)."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(line, flush=True)
+
+
+def _check_batch_size(args: argparse.Namespace, mesh) -> None:
+    if mesh is not None and args.batch_size % mesh.size:
+        n = mesh.size
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {n} devices ({_describe_mesh(mesh)}): "
+                         f"each device takes an equal share of every batch; use a multiple of {n}, e.g. "
+                         f"--batch-size {max(n, args.batch_size - args.batch_size % n)}")
+
+
+def _settings_hint(args: argparse.Namespace, err, out: pathlib.Path) -> UsageError:
+    """A resume refused for other settings, said with the flags that resume it."""
+    from scg.training import CHECKPOINT_NAME
+    from scg.training.checkpoint import load_metadata
+
+    saved = load_metadata(out / CHECKPOINT_NAME).get("config", {})
+    flags = []
+    for name, value in sorted(saved.items()):
+        option = "--" + name.replace("_", "-")
+        now = getattr(args, name, None)
+        if name not in vars(args) or now == value:
+            continue
+        if isinstance(value, bool):
+            flags.append(option if value else f"no {option}")
+        elif value is not None:
+            flags.append(f"{option} {value}")
+    resume = f"resume it with {' '.join(flags)}, or " if flags else ""
+    return UsageError(f"{err} To go on: {resume}start a new run with --overwrite (deletes it) or another --out.")
+
+
 def _train_and_report(args, model_module, objective, eval_objective, optimizer, params, train_x, test_x, config, *,
-                      keys, curve_title: str, samples_title: str, iwae_batch_size) -> int:
+                      keys, curve_title: str, samples_title: str, iwae_batch_size, mesh=None) -> int:
     """Trains with :func:`scg.training.fit`, plots after every epoch, and writes the final bounds.
 
-    ``model_module`` provides ``reconstruct``, ``sample_prior`` and ``iwae_log_likelihood``.
+    ``model_module`` provides ``reconstruct``, ``sample_prior`` and ``iwae_log_likelihood``. With
+    several processes, every process trains and evaluates; process 0 alone prints and writes files
+    other than the checkpoint.
     """
     import jax
     import numpy as np
 
     from scg import training
-    from scg.training import plots
-    from scg.training.checkpoint import atomic_write
+    from scg.training import devices, plots
+    from scg.training.checkpoint import CheckpointError, atomic_write
 
     run_key, final_key, plot_key = keys
     out = pathlib.Path(args.out)
+    main = devices.is_main_process()
 
     def evaluate(params, key):
         return {"test_neg_elbo": training.evaluate_loss(eval_objective, params, test_x, key=key,
@@ -218,38 +337,51 @@ def _train_and_report(args, model_module, objective, eval_objective, optimizer, 
     prior_key = jax.random.fold_in(plot_key, 0)
 
     def write_plots(state: training.TrainState) -> None:
+        if not main:
+            return
+        local = devices.local_copy(state.params)
         if state.metrics:
             plots.plot_curve(state.metrics, out / "curve.png", title=curve_title)
-        plots.plot_reconstructions(shown, np.asarray(model_module.reconstruct(state.params, shown)),
+        plots.plot_reconstructions(shown, np.asarray(model_module.reconstruct(local, shown)),
                                    out / "reconstructions.png", title=f"epoch {state.epoch}")
-        plots.plot_image_grid(np.asarray(model_module.sample_prior(state.params, prior_key, 100)),
+        plots.plot_image_grid(np.asarray(model_module.sample_prior(local, prior_key, 100)),
                               out / "samples.png", title=f"{samples_title}, epoch {state.epoch}")
 
-    state = training.fit(
-        objective, optimizer, params, training.EpochBatches(train_x, args.batch_size, seed=args.seed),
-        epochs=args.epochs, key=run_key, num_samples=args.num_samples,
-        steps_per_dispatch=args.steps_per_dispatch, evaluate=evaluate, on_epoch_end=write_plots, out_dir=out,
-        resume=args.resume, config=config, train_metric="train_neg_elbo", progress=not args.no_progress,
-        log=lambda line: print(line, flush=True))
+    try:
+        state = training.fit(
+            objective, optimizer, params, training.EpochBatches(train_x, args.batch_size, seed=args.seed),
+            epochs=args.epochs, key=run_key, num_samples=args.num_samples,
+            steps_per_dispatch=args.steps_per_dispatch, evaluate=evaluate, on_epoch_end=write_plots, out_dir=out,
+            resume=args.resume, overwrite=args.overwrite, config=config, train_metric="train_neg_elbo",
+            progress=not args.no_progress, log=lambda line: print(line, flush=True), mesh=mesh)
+    except CheckpointError as err:
+        if args.resume and (err.leaf or "").startswith("config/"):
+            raise _settings_hint(args, err, out) from err
+        raise
     if not (out / "samples.png").exists() or state.epoch == 0:
         write_plots(state)
+    final_params = devices.local_copy(state.params)
 
     results: dict = {"epoch": state.epoch, "step": state.step}
     if state.metrics:
         results["test_neg_elbo"] = state.metrics[-1]["test_neg_elbo"]
         results["seconds"] = state.metrics[-1]["seconds"]
     else:
-        results["test_neg_elbo"] = evaluate(state.params, jax.random.fold_in(final_key, 1))["test_neg_elbo"]
+        results["test_neg_elbo"] = evaluate(final_params, jax.random.fold_in(final_key, 1))["test_neg_elbo"]
     line = f"test: negative ELBO {results['test_neg_elbo']:.2f} nats (single-sample bound, analytic KL)"
     if args.eval_k > 0:
         extra = {} if iwae_batch_size is None else {"batch_size": iwae_batch_size}
-        log_px = model_module.iwae_log_likelihood(state.params, test_x, jax.random.fold_in(final_key, 0),
+        log_px = model_module.iwae_log_likelihood(final_params, test_x, jax.random.fold_in(final_key, 0),
                                                   args.eval_k, **extra)
         results.update(eval_k=args.eval_k, test_iwae_log_likelihood=float(np.mean(log_px)))
         line += f"; -log p(x) <= {-results['test_iwae_log_likelihood']:.2f} nats (IWAE, k={args.eval_k})"
-    print(line, flush=True)
-    with atomic_write(out / "final.json") as f:
-        f.write((json.dumps(results, indent=1) + "\n").encode())
+    results["devices"] = 1 if mesh is None else int(mesh.size)
+    results["processes"] = jax.process_count()
+    if main:
+        print(line, flush=True)
+        with atomic_write(out / training.FINAL_NAME) as f:
+            f.write((json.dumps(results, indent=1) + "\n").encode())
+    devices.barrier("scg: results written")
     return 0
 
 
@@ -284,13 +416,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command][2](args)
-    except (ScgError, UsageError, FileNotFoundError) as err:
+    except (ScgError, UsageError) as err:
         print(f"scg {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # --out read-only, a file, the disk full, data missing: one line, no traceback
+        print(f"scg {args.command}: error: {_describe_os_error(err, getattr(args, 'out', None))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"scg {args.command}: interrupted; resume with --resume (the last finished epoch's "
               "checkpoint is kept)", file=sys.stderr)
         return 130
+
+
+def _describe_os_error(err: OSError, out: str | None) -> str:
+    """One line: what failed, on which file, and why (``strerror``), or the error's own message."""
+    if err.strerror and err.filename:
+        target = f"{err.filename!s}" + (f" -> {err.filename2!s}" if err.filename2 else "")
+        inside = out is not None and pathlib.Path(os.fspath(err.filename)).resolve().is_relative_to(
+            pathlib.Path(out).resolve())
+        hint = f"; --out {out} must be a writable folder with free space" if inside else ""
+        return f"{err.strerror}: {target}{hint}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":  # python -m scg.cli

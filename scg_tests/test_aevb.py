@@ -195,7 +195,8 @@ def test_command_trains_writes_outputs_and_resumes_bit_for_bit(tmp_path, capsys,
     # another architecture or setting: refused with the reason, the checkpoint untouched
     saved = files_of(split / training.CHECKPOINT_NAME)
     assert saved and cli.main(cli_args(data, split, "--epochs", "3", "--latent", "5", "--resume")) == 1
-    assert "does not match the template" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the setting by name, and the flags that resume it
+    assert "latent: checkpoint 4 vs now 5" in err and "resume it with --latent 4" in err and "--overwrite" in err
     assert cli.main(cli_args(data, split, "--epochs", "3", "--seed", "1", "--resume")) == 1
     assert "seed: checkpoint 0 vs now 1" in capsys.readouterr().err
     assert files_of(split / training.CHECKPOINT_NAME) == saved

@@ -304,7 +304,8 @@ def test_command_trains_writes_outputs_and_resumes_bit_for_bit(tmp_path, capsys,
     # another baseline: refused with the reason, the checkpoint untouched
     saved = files_of(split / training.CHECKPOINT_NAME)
     assert cli.main(sbn_args(data, split, "--epochs", "3", "--baseline", "moving_average", "--resume")) == 1
-    assert "does not match the template" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "baseline: checkpoint 'nvil' vs now 'moving_average'" in err and "resume it with --baseline nvil" in err
     assert files_of(split / training.CHECKPOINT_NAME) == saved
 
 
