@@ -104,6 +104,8 @@ class ScanTerms(NamedTuple):
     surrogate: jax.Array
     loss: jax.Array
     log_density: jax.Array
+    step_log_densities: jax.Array  # (T,): Σ_z log p(z_t) of each step's score sites
+    step_downstream: jax.Array  # (T,): ⊥(Q_t), the costs step t's score meets (reward-to-go)
 
 
 def _refuse_moving_supports(graph: Graph, sites: Any, in_loop_body: bool) -> None:
@@ -283,6 +285,12 @@ def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order
     for a in node.carry_outputs:
         if isinstance(a, Var):
             into_carry.update(body.stochastic_ancestors(_Reads((a,))))
+    # what a step's score meets, for baselines: its own step's costs that depend on its sites and,
+    # when its sites flow into the carry, every later step's costs that read the carry
+    scored_here = {s.name for s in score_sites(body, every_sampled=True)} | {s.name for s in body.scans}
+    feeds_carry = bool(into_carry & scored_here)
+    meets_own = {n.name for n in (*body.costs, *body.scans)
+                 if scored_here & set(body.stochastic_ancestors(n))}
 
     def step(carry_aug, step_inputs):
         carry, carried_logp = carry_aug
@@ -298,16 +306,27 @@ def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order
             step_logp = sum(logp.values(), jnp.zeros(()))
             new_logp = carried_logp + sum((logp[n] for n in into_carry if n in logp), jnp.zeros(()))
             results = [read(env, a) for a in node.body_outputs]
-            return results, surrogate, loss, step_logp, new_logp
+            totals = {c.name: jnp.sum(cost_terms[c.name][0]) for c in body.costs}
+            totals.update({s.name: env[_scan_key(s.name)].loss for s in body.scans})
+            own = sum((v for n, v in totals.items() if n in meets_own), jnp.zeros(()))
+            from_carry_costs = sum((totals[n.name] for n in (*body.costs, *body.scans) if reads_carry(n)),
+                                   jnp.zeros(()))
+            return results, surrogate, loss, step_logp, new_logp, lax.stop_gradient(own), lax.stop_gradient(
+                from_carry_costs)
 
-        results, surrogate, loss, step_logp, new_logp = _walk_estimate(
+        results, surrogate, loss, step_logp, new_logp, own, later = _walk_estimate(
             body, env, key, steps=(*steps, t), order=order, checked=checked, finish=finish, every_sampled=True)
-        return (results[:c], new_logp), (results[c:], surrogate, loss, step_logp)
+        return (results[:c], new_logp), (results[c:], surrogate, loss, step_logp, own, later)
 
     zero = jnp.zeros(())
-    (final, _), (ys, surrogates, losses, log_densities) = lax.scan(
+    (final, _), (ys, surrogates, losses, log_densities, own, later) = lax.scan(
         step, (list(init), zero), (jnp.arange(node.length), list(xs)), length=node.length, reverse=node.reverse)
-    return [*final, *ys], ScanTerms(jnp.sum(surrogates), jnp.sum(losses), jnp.sum(log_densities))
+    downstream = own
+    if feeds_carry:  # + the carry-reading costs of the steps that run after step t
+        after = jnp.cumsum(later[::-1])[::-1] - later if not node.reverse else jnp.cumsum(later) - later
+        downstream = own + after
+    return [*final, *ys], ScanTerms(jnp.sum(surrogates), jnp.sum(losses), jnp.sum(log_densities),
+                                    log_densities, downstream)
 
 
 class _Reads(NamedTuple):
@@ -335,6 +354,9 @@ def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = i
             log_densities[name] = logp
         for node in graph.scans:  # a loop joins the IWAE weights as one more cost and one more density
             log_densities[node.name] = env[_logp_key(node.name)]
+            terms = env[_scan_key(node.name)]  # and baselines as one score per step (shape (T,))
+            score_factors[node.name] = 1.0 - magic_box(terms.step_log_densities)
+            downstream[node.name] = terms.step_downstream
         costs = {name: term for name, (term, _) in cost_terms.items()}
         costs.update({node.name: env[_scan_key(node.name)].loss for node in graph.scans})
         return ParticleEstimate(surrogate, loss, score_factors, downstream, log_densities, costs)

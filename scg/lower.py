@@ -142,6 +142,7 @@ class Objective:
             return baselines.EmptyState()
         graph = self.graph_for(params, *args)
         shapes = {s.name: tuple(p.size for p in s.plates) for s in estimators.score_sites(graph)}
+        shapes.update({loop.name: (loop.length,) for loop in graph.scans})  # one score per step
         return self.baseline.init(shapes, *args)
 
     def _check_call(self, method: str, params: Any, args: tuple, key: Any) -> None:
