@@ -14,6 +14,7 @@ from scg.ir import Graph
 from scg.passes.certificate import Certificate as Certificate, Precondition as Precondition
 from scg.passes.enumerate import enumerate as enumerate  # noqa: A004 - the public name
 from scg.passes.integrate_kl import integrate_kl as integrate_kl
+from scg.passes.rao_blackwellize import drop_own_score as drop_own_score, split_costs as split_costs
 from scg.passes.reparameterize import reparameterize as reparameterize
 from scg.verify import VerifyReport as VerifyReport
 
@@ -95,7 +96,28 @@ def _check_pass_result(p: Callable, result: Any) -> tuple:
         "after=new_graph) recording what it did")
 
 
-_BY_NAME = {"auto": auto, "reparameterize": reparameterize, "integrate_kl": integrate_kl, "enumerate": enumerate}
+def rao_blackwellize(graph, sites=None):
+    """``split_costs`` then ``drop_own_score``: the two zero-mean terms of a score estimator, removed.
+
+    Opt-in (it renames split costs ``c.0``, ``c.1``, ...): ``passes=["integrate_kl",
+    "rao_blackwellize", "reparameterize"]`` or after ``auto``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def m(params, x):
+      ...     q = dist.Bernoulli(logits=params["w"])
+      ...     b = scg.sample("b", q)
+      ...     scg.cost("elbo", scg.log_prob(q, b) - scg.log_prob(dist.Bernoulli(0.5), b) + (b - x) ** 2.0)
+      >>> graph, cert = scg.passes.rao_blackwellize(m.trace({"w": jnp.array(0.3)}, jnp.array(1.0)))
+      >>> cert.pass_name
+      'split_costs → drop_own_score'
+    """
+    return chain(split_costs, drop_own_score)(graph, sites=sites)
+
+
+_BY_NAME = {"auto": auto, "reparameterize": reparameterize, "integrate_kl": integrate_kl, "enumerate": enumerate,
+            "split_costs": split_costs, "drop_own_score": drop_own_score, "rao_blackwellize": rao_blackwellize}
 
 
 def resolve_passes(passes: Any) -> list:
