@@ -17,6 +17,7 @@ from scg.errors import (
 from scg.exact import GradReport as GradReport, check_grad as check_grad, expectation as expectation
 from scg.ir import Graph as Graph
 from scg.lower import Objective as Objective, compile as compile  # noqa: A004 - the public name
+from scg.unroll import unroll as unroll
 from scg.trace import Model as Model, cost as cost, log_prob as log_prob, model as model, plate as plate, sample as sample
 from scg import baselines as baselines, passes as passes
 

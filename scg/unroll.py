@@ -66,6 +66,23 @@ def unroll(graph: Graph, *, max_steps: int | None = None) -> Graph:
 
     ``max_steps``: refuse (ValueError naming the loop and its length) beyond this
     many steps in total, before building anything.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
+      >>> @scg.model
+      ... def chain(params, x):
+      ...     def step(state, x_t):
+      ...         z = scg.sample("z", dist.Normal(params["a"] * state, 1.0))
+      ...         scg.cost("fit", (z - x_t) ** 2)
+      ...         return z, None
+      ...     jax.lax.scan(step, jnp.zeros(()), x)
+      >>> params, x = {"a": jnp.array(0.5)}, jnp.ones(3)
+      >>> twin = scg.unroll(chain.trace(params, x))
+      >>> [site.name for site in twin.sites]
+      ['z[0]', 'z[1]', 'z[2]']
+      >>> key = jax.random.key(0)   # the twin draws exactly what the loop draws
+      >>> bool(scg.compile(twin).loss(params, x, key=key) == scg.compile(chain).loss(params, x, key=key))
+      True
     """
     total = sum(s.length for s in graph.scans)
     if max_steps is not None and total > max_steps:
