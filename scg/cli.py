@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -414,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from scg import ScgError  # CheckpointError, DataError, NonFiniteLossError, ...
 
+    # orbax logs a failed write with its traceback (absl) before raising; the error is reported below
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return COMMANDS[args.command][2](args)
     except (ScgError, UsageError) as err:

@@ -232,3 +232,10 @@ def test_command_reports_oserrors_at_out_in_one_line(mnist, tmp_path, capsys, mo
 
     assert load_metadata(out / "checkpoint")["epoch"] == 1
     assert [p.name for p in (out / "checkpoint").iterdir()] == ["1"]
+
+
+def test_a_relative_out_dir_saves_and_resumes(objective, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # orbax wants absolute paths; the loop makes them so
+    run(objective, "relative/run")
+    assert run(objective, "relative/run", epochs=2, resume=True).epoch == 2
+    assert [p.name for p in (tmp_path / "relative" / "run" / "checkpoint").iterdir()] == ["2"]

@@ -215,3 +215,26 @@ def test_evaluate_loss_weights_a_partial_batch(objective):
     mean = training.evaluate_loss(objective, params, data, key=jax.random.key(0), batch_size=4)  # 4 + 4 + 2
     expected = np.mean(np.sum(np.square(data - 2.0), axis=-1))
     assert mean == pytest.approx(expected, rel=1e-5)
+
+
+def test_make_step_on_a_mesh_is_one_jitted_step_with_explicit_shardings(objective):
+    # this process has one device: a one-device mesh, where the sharded step equals the plain one bit
+    # for bit (several devices: scg_tests/test_devices.py)
+    from scg.training import devices
+
+    mesh = devices.data_mesh()
+    optimizer = optax.adam(0.05)
+    batch = jnp.asarray(toy_data(8))
+    plain = training.make_step(objective, optimizer)
+    sharded = training.make_step(objective, optimizer, mesh=mesh)
+    fresh = lambda: (toy_params(), optimizer.init(toy_params()), scg.baselines.EmptyState())
+    a = plain(*fresh(), jax.random.key(0), jnp.int32(3), batch)
+    b = sharded(*devices.put_replicated(fresh(), mesh), devices.put_replicated(jax.random.key(0), mesh),
+                np.int32(3), *devices.put_batch([np.asarray(batch)], mesh, 8))
+    assert_trees_equal(a, b)
+    lowered = sharded.jitted.lower(*devices.put_replicated(fresh(), mesh),
+                                   devices.put_replicated(jax.random.key(0), mesh), np.int32(3),
+                                   devices.put_batch([np.asarray(batch)], mesh, 8))
+    text = lowered.as_text()
+    assert "sdy.sharding" in text or "mhlo.sharding" in text  # explicit shardings (Shardy or GSPMD)
+    assert "tf.aliasing_output" in text  # the donated params and optimizer state

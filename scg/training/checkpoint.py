@@ -137,7 +137,7 @@ def save_checkpoint(path: os.PathLike | str, tree: Any, metadata: Mapping[str, A
     containers. Raises CheckpointError naming a leaf that is none of these or TypeError for bad metadata
     (before writing anything), OSError if the write fails (the previous checkpoint stays).
     """
-    root, arrays, keys = pathlib.Path(path), {}, {}
+    root, arrays, keys = pathlib.Path(path).absolute(), {}, {}  # orbax wants absolute paths
     for where, leaf in _leaves(tree)[0]:
         if _is_key(leaf):
             keys[where], leaf = str(jax.random.key_impl(leaf)), jax.random.key_data(leaf)
@@ -179,7 +179,7 @@ def _open(root: pathlib.Path, checkpointer: Any) -> tuple[pathlib.Path, dict, di
     try:
         if not _saves(root):
             raise ValueError("no complete save in it")
-        step = root / str(_saves(root)[-1])
+        step = root.absolute() / str(_saves(root)[-1])  # orbax wants absolute paths
         info = checkpointer.restore(step, args=ocp.args.Composite(scg=ocp.args.JsonRestore()))["scg"]
         if (info["format"], info["version"]) != (FORMAT_NAME, FORMAT_VERSION):
             raise ValueError(f"format {info['format']} {info['version']}; this scg reads version {FORMAT_VERSION}")
