@@ -3,7 +3,7 @@
 The model of :func:`scg.training.fit` with ``mesh=``: each batch is split along its leading (plate,
 example) axis over the mesh's ``"data"`` axis (``NamedSharding(mesh, P("data"))``); parameters,
 optimizer state, baseline state and the run's key are replicated (``P()``) — the bundled models are
-small (AEVB 784-1000-1000-30: 2.6 M parameters, 10.5 MB in float32; SBN 784-200: 0.3 M), so every
+small (AEVB 784-1000-1000-30: 3.66 M parameters, 14.6 MB in float32; SBN 784-200: 0.31 M), so every
 device holding all of them costs little, and the only communication a step needs is the all-reduce of
 the gradients, which XLA's partitioner (GSPMD) inserts into the one jitted step. See docs/devices.md.
 
