@@ -111,8 +111,11 @@ def test_reward_to_go_independent_steps_match_the_single_step_variance(key):
         b = scg.sample("b", dist.Bernoulli(logits=params["w"]))
         scg.cost("err", (b - x_t) ** 2.0)
 
-    var_steps = sum(float(jnp.var(draws(scg.compile(one, passes=[]), params, x_t, k, n)[1]["w"]))
-                    for x_t, k in zip(x, jax.random.split(jax.random.fold_in(key, 1), T)))
+    # one step's variance depends only on x_t ∈ {0, 1}: one compile, one vmap per value
+    single = scg.compile(one, passes=[])
+    var_of = {v: float(jnp.var(draws(single, params, jnp.float32(v), jax.random.fold_in(key, v + 1), n)[1]["w"]))
+              for v in (0.0, 1.0)}
+    var_steps = sum(var_of[float(x_t)] for x_t in x)
     # the sum of T independent variances; a sample variance of n draws has relative SE ≈ √(2/n) ≈ 1.6 %
     assert abs(var_loop / var_steps - 1.0) < 0.15, (var_loop, var_steps)
 
@@ -256,12 +259,14 @@ def test_per_step_leave_one_out_baseline_matches_the_twin_and_lowers_variance(re
         g1 = loop.grad(BERN, B3, key=k, num_samples=4)
         g2 = twin.grad(BERN, B3, key=k, num_samples=4)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
-    n = 2000
+    if reverse:  # the order only changes which steps are "later": the twin comparison above covers it
+        return
+    n = 1000
     plain = scg.compile(chain, passes=[])
     with_b = jax.vmap(lambda k: loop.grad(BERN, B3, key=k, num_samples=4)["c"])(jax.random.split(key, n))
     without = jax.vmap(lambda k: plain.grad(BERN, B3, key=k, num_samples=4)["c"])(jax.random.split(key, n))
     # both unbiased for the same mean; the baseline removes the constant offset's noise: a variance ratio
-    # of 2 is far outside what two 2000-draw sample variances of equal truth could show (F quantile ≈ 1.1)
+    # of 2 is far outside what two 1000-draw sample variances of equal truth could show (F quantile ≈ 1.2)
     assert float(jnp.var(without)) > 2.0 * float(jnp.var(with_b))
     se = float(jnp.sqrt(jnp.var(with_b) / n + jnp.var(without) / n))
     assert abs(float(with_b.mean() - without.mean())) < 4 * se
