@@ -167,14 +167,16 @@ class Objective:
             raise ValueError("baseline_state was given, but this objective's baseline keeps no state")
 
     # --- the compiled methods ----------------------------------------------------------------------
-    def _surrogate_fn(self, params: Any, args: tuple, num_samples: int) -> Callable:
+    def _surrogate_fn(self, params: Any, args: tuple, num_samples: int, *, with_baseline: bool = True) -> Callable:
         graph = self.graph_for(params, *args)
         input_leaves = jax.tree_util.tree_leaves(tuple(args))
+        # a sampled loss needs no baseline (and leave-one-out would refuse a single particle)
+        baseline = self.baseline if with_baseline else None
 
         def surrogate(p, key, baseline_state=None):
             return estimators.surrogate_and_loss(
                 graph, jax.tree_util.tree_leaves(p), input_leaves, key, num_samples=num_samples,
-                baseline=self.baseline, baseline_state=baseline_state, baseline_args=tuple(args),
+                baseline=baseline, baseline_state=baseline_state, baseline_args=tuple(args),
                 objective=self.objective, order=self.order, checked=self.checked)
 
         return surrogate
@@ -185,7 +187,7 @@ class Objective:
         if cache_key not in self._jitted:
             def run(params, args, key, baseline_state):
                 self.trace_count += 1
-                surrogate = self._surrogate_fn(params, args, num_samples)
+                surrogate = self._surrogate_fn(params, args, num_samples, with_baseline=method != "loss")
                 if method == "loss":
                     return surrogate(params, key, baseline_state)[1][0]
                 if method == "surrogate":

@@ -270,3 +270,10 @@ def test_per_step_leave_one_out_baseline_matches_the_twin_and_lowers_variance(re
     assert float(jnp.var(without)) > 2.0 * float(jnp.var(with_b))
     se = float(jnp.sqrt(jnp.var(with_b) / n + jnp.var(without) / n))
     assert abs(float(with_b.mean() - without.mean())) < 4 * se
+
+
+def test_a_sampled_loss_needs_no_baseline(key):
+    # leave-one-out needs two particles for a gradient, not for a loss (the same episodes, the same value)
+    with_baseline = scg.compile(bernoulli_chain, passes=[], baseline="leave_one_out")
+    plain = scg.compile(bernoulli_chain, passes=[])
+    np.testing.assert_array_equal(with_baseline.loss(BERN, B3, key=key), plain.loss(BERN, B3, key=key))
