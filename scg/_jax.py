@@ -327,7 +327,8 @@ def smoothness(primitive_name: str, params: dict, in_dtypes: Iterable, out_dtype
         return "jump"  # the values sorted along with the keys swap where two keys cross
     kind = NON_SMOOTH.get(primitive_name)
     if kind is not None:
-        return kind
+        # a comparison or rounding of integers cannot follow a continuous value (its cast is the jump)
+        return kind if any(_is_floating(d) for d in in_dtypes) else "smooth"
     if any(_is_floating(d) for d in in_dtypes) and not all(_is_floating(d) for d in out_dtypes):
         return "jump"
     return "smooth"
@@ -382,3 +383,44 @@ def affine_rule(primitive_name: str, n_operands: int) -> tuple[str, tuple]:
     rule = AFFINE.get(primitive_name, "nonlinear")
     constant = AFFINE_CONSTANT_OPERANDS.get(primitive_name)
     return rule, (constant(n_operands) if constant else ())
+
+
+# Calls that JAX writes with max/abs for numerical stability but whose value is smooth everywhere:
+# their bodies are not searched for kinks. Matched by the name of the JAX function that made the
+# call (a function of the same name outside JAX is analysed like any other). Default: searched.
+SMOOTH_JAX_CALLS = frozenset({"logaddexp", "logaddexp2", "logsumexp", "softplus", "log_softmax", "softmax",
+                              "log_sigmoid", "sigmoid", "silu", "swish", "gelu", "logit", "log1mexp"})
+_JAX_DIR = os.path.dirname(jax.__file__) + os.sep
+
+
+def jax_call_name(primitive_name: str, params: dict) -> str | None:
+    """The name of the JAX library function a call equation came from (``"logaddexp"``), else None."""
+    body = params.get(CALL_BODY_PARAM.get(primitive_name, ""))
+    jaxpr = body.jaxpr if isinstance(body, ClosedJaxpr) else body
+    info = getattr(jaxpr, "debug_info", None)
+    where = getattr(info, "func_src_info", None) or ""
+    name, _, path = where.partition(" at ")
+    return name if name and path.startswith(_JAX_DIR) else None
+
+
+# Sign analysis (a kink of |x| or sign(x) is none where x cannot be negative: logsumexp takes the
+# absolute value of a sum of exponentials). Primitives whose output is non-negative whatever their
+# operands, and those that keep non-negative operands non-negative. Default: unknown sign.
+NONNEGATIVE_OUTPUT = frozenset({"exp", "exp2", "logistic", "sqrt", "rsqrt", "abs", "square"})
+NONNEGATIVE_PRESERVING = frozenset({"add", "add_any", "mul", "div", "max", "min", "reduce_sum", "reduce_max",
+                                    "reduce_min", "reduce_prod", "cumsum", "cumprod", "broadcast_in_dim",
+                                    "reshape", "squeeze", "expand_dims", "transpose", "convert_element_type",
+                                    "slice", "concatenate", "pad", "rev", "copy", "copy_p", "select_n", "gather",
+                                    "dynamic_slice", "stack"})
+
+
+def nonnegative_output(primitive_name: str, params: dict, operands_nonnegative: list) -> bool:
+    if primitive_name in NONNEGATIVE_OUTPUT:
+        return True
+    if primitive_name == "integer_pow":
+        return int(params.get("y", 1)) % 2 == 0 or all(operands_nonnegative)
+    if primitive_name == "select_n":
+        return all(operands_nonnegative[1:])
+    if primitive_name in ("gather", "dynamic_slice"):
+        return bool(operands_nonnegative) and operands_nonnegative[0]
+    return primitive_name in NONNEGATIVE_PRESERVING and all(operands_nonnegative)

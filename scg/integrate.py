@@ -27,10 +27,11 @@ site's value through a non-smooth primitive (``max``/``relu``, ``abs``,
 comparisons under ``jnp.where``, ...), Gauss–Hermite is not exact and its
 gradient can be wrong (a jump contributes nothing). A kink or jump at an affine
 function of the site's value is integrated piecewise, exactly; any other makes
-the reference *estimated*: :func:`reference` integrates at two levels (``order``
-and ``2·order`` for the sites involved) and reports the difference as the
-error; :func:`graph_expectation` returns the finer value when that error is
-within tolerance and refuses otherwise, naming the primitive and its line.
+the reference *estimated*: :func:`reference` integrates the sites involved with
+several rules (:data:`LEVELS`: Gauss–Hermite of ``order`` and ``2·order``,
+composite Gauss–Legendre of two sizes) and reports their spread as the error;
+:func:`graph_expectation` returns the finest value when that error is within
+tolerance and refuses otherwise, naming the primitive and its line.
 
 **stop_gradient.** It does not change a value, so ``E[Σ costs]`` is unchanged.
 For differentiation it is a constant along the deterministic data flow, as in
@@ -103,17 +104,25 @@ def support_points(d: Any, shape: tuple, dtype: Any, order: int, n_parallel: int
         return points, log_w
     if is_normal(d):
         nodes, weights = np.polynomial.hermite.hermgauss(order)
-        inner_shape = tuple(shape[n_parallel:])
-        idx = _flat_index_grid(int(np.prod(inner_shape, dtype=np.int64)), order)
-        x = nodes[idx].reshape((idx.shape[0],) + (1,) * n_parallel + inner_shape)
-        x = jnp.asarray(x, dtype=dtype)
-        log_w = np.sum(np.log(weights[idx] / math.sqrt(math.pi)), axis=1)
-        log_w = jnp.broadcast_to(jnp.asarray(log_w, dtype=dtype).reshape((-1,) + (1,) * n_parallel),
-                                 (idx.shape[0],) + parallel)
-        loc = jnp.broadcast_to(d.mean, shape)
-        scale = jnp.sqrt(jnp.broadcast_to(d.variance, shape))
-        return loc[None] + math.sqrt(2.0) * scale[None] * x, log_w
+        return normal_tensor_points(d, shape, dtype, math.sqrt(2.0) * nodes, weights / math.sqrt(math.pi), n_parallel)
     raise IntractableError(f"{type(d).__name__} is neither discrete with a finite support nor Normal", site="")
+
+
+def normal_tensor_points(d: Any, shape: tuple, dtype: Any, nodes: np.ndarray, weights: np.ndarray,
+                         n_parallel: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Tensor-product grid of a 1-D rule ``Σ w_i g(ε_i) ≈ E g(ε)``, ``ε ~ N(0, 1)``, over a Normal ``d``:
+    points ``μ + σ ε`` ``(M, *shape)`` and log-weights ``(M, *shape[:n_parallel])``."""
+    parallel = tuple(shape[:n_parallel])
+    per_element = len(nodes)
+    inner_shape = tuple(shape[n_parallel:])
+    idx = _flat_index_grid(int(np.prod(inner_shape, dtype=np.int64)), per_element)
+    x = jnp.asarray(nodes[idx].reshape((idx.shape[0],) + (1,) * n_parallel + inner_shape), dtype=dtype)
+    log_w = np.sum(np.log(weights[idx]), axis=1)
+    log_w = jnp.broadcast_to(jnp.asarray(log_w, dtype=dtype).reshape((-1,) + (1,) * n_parallel),
+                             (idx.shape[0],) + parallel)
+    loc = jnp.broadcast_to(d.mean, shape)
+    scale = jnp.sqrt(jnp.broadcast_to(d.variance, shape))
+    return loc[None] + scale[None] * x, log_w
 
 
 def _site_is_normal(site: Site) -> bool:
@@ -241,7 +250,7 @@ def _detach(distribution: Any, points: Any, weights: Any, n_parallel: int) -> tu
     log_p = jax.vmap(distribution.log_prob)(points)
     log_p = jnp.sum(log_p, axis=tuple(range(1 + n_parallel, log_p.ndim)))
     box = jnp.exp(log_p - jax.lax.stop_gradient(log_p))
-    return points, weights * box.reshape(box.shape + (1,) * (weights.ndim - box.ndim)).astype(weights.dtype)
+    return points, weights * box.reshape(weights.shape).astype(weights.dtype)
 
 
 def _unrolled_within_budget(graph: Graph, order: int, budget: int) -> Graph:
@@ -260,6 +269,14 @@ def _unrolled_within_budget(graph: Graph, order: int, budget: int) -> Graph:
     return flat
 
 
+# The rules compared where a reference is estimated (sites near an unlocated kink; other sites keep
+# level 0): Gauss–Hermite of order and 2·order, then composite Gauss–Legendre of 32 and 64 panels of 4
+# points. A site with located kinks uses piecewise rules instead (8 panels of 8 and 16 points, then 32
+# and 64 panels of 4). Two rule families at two resolutions: their spread is the error estimate.
+LEVELS = (("gh", 1, nonsmooth.PANELS, nonsmooth.PANEL_POINTS), ("gh", 2, nonsmooth.PANELS, 2 * nonsmooth.PANEL_POINTS),
+          ("panels", 0, 32, 4), ("panels", 0, 64, 4))
+
+
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     """A graph ready to integrate: loops unrolled, sites classified, kinks located (see :mod:`scg.nonsmooth`)."""
@@ -269,9 +286,27 @@ class Prepared:
     n_parallel: dict
     analysis: nonsmooth.Analysis
     probes: dict
+    slots: dict
+    levels: tuple  # indices into LEVELS of the rules the estimate compares (0 alone when exact)
 
-    def site_order(self, site: Site, refined: bool) -> int:
-        return 2 * self.order if refined and site.name in self.analysis.refine else self.order
+    def rule(self, site: Site, level: int) -> tuple:
+        """``("gh", order)``, ``("panels", panels, points)`` or ``("piecewise", panels, points)``."""
+        kind, mult, panels, points = LEVELS[level if site.name in self.analysis.refine else 0]
+        if site.name in self.analysis.resolved:
+            return ("piecewise", panels, points)
+        if kind == "gh":
+            return ("gh", self.order * mult)
+        return ("panels", panels, points)
+
+    def size(self, site: Site, level: int) -> int:
+        if site.enumerable:
+            return site_grid_size(site, self.order, self.n_parallel[site.name])
+        rule = self.rule(site, level)
+        if rule[0] == "piecewise":
+            n = int(np.prod(site.output.shape[self.n_parallel[site.name]:], dtype=np.int64))
+            return nonsmooth.piecewise_grid_size(n, self.slots[site.name], rule[1], rule[2])
+        per = rule[1] if rule[0] == "gh" else rule[1] * rule[2]
+        return per ** int(np.prod(site.output.shape[self.n_parallel[site.name]:], dtype=np.int64))
 
 
 def prepare(graph: Graph, order: int, budget: int, what: str = "scg.expectation") -> Prepared:
@@ -281,37 +316,51 @@ def prepare(graph: Graph, order: int, budget: int, what: str = "scg.expectation"
     check_families(list(graph.sites), what)
     n_parallel = {s.name: parallel_plates(graph, s) for s in graph.sites}
     normal = frozenset(s.name for s in graph.sites if not s.enumerable and _site_is_normal(s))
-    plated = frozenset(n for n, k in n_parallel.items() if k)
 
     def size_of(site: Site, slots: int, refined: bool) -> int:
         if slots:
-            n = int(np.prod(site.output.shape, dtype=np.int64))
-            return nonsmooth.piecewise_grid_size(n, slots, refined)
+            n = int(np.prod(site.output.shape[n_parallel[site.name]:], dtype=np.int64))
+            _, _, panels, points = LEVELS[1 if refined else 0]
+            return nonsmooth.piecewise_grid_size(n, slots, panels, points)
         o = 2 * order if refined and site.name in normal else order
         return site_grid_size(site, o, n_parallel[site.name])
 
-    analysis = nonsmooth.analyze(graph, normal, plated, size_of=size_of, budget=budget)
+    analysis = nonsmooth.analyze(graph, normal, size_of=size_of, budget=budget)
     slots = {name: sum(k.slots for k in ks) for name, ks in analysis.resolved.items()}
-    check_budget(graph, list(graph.sites), order, budget, what,
-                 size_of=lambda s: size_of(s, slots.get(s.name, 0), bool(analysis.unresolved) and s.name in analysis.refine))
     probes = {name: nonsmooth.kink_probe(graph, graph.site(name), ks, analysis.plans[name])
               for name, ks in analysis.resolved.items()}
-    return Prepared(graph, order, n_parallel, analysis, probes)
+    prep = Prepared(graph, order, n_parallel, analysis, probes, slots, (0,))
+    top = 1 if analysis.unresolved else 0
+    check_budget(graph, list(graph.sites), order, budget, what, size_of=lambda s: prep.size(s, top))
+    if not analysis.unresolved:
+        return prep
+    levels = [0, 1]
+    for level in (2, 3):
+        total = 1
+        for s in graph.sites:
+            total *= prep.size(s, level)
+        if total <= budget:
+            levels.append(level)
+    return dataclasses.replace(prep, levels=tuple(levels))
 
 
-def integrate_prepared(prep: Prepared, param_leaves: list, input_leaves: list, *, refined: bool = False) -> jax.Array:
-    """``E[Σ costs]`` with each site's rule (``refined``: the finer rule for sites near unresolved kinks)."""
+def integrate_prepared(prep: Prepared, param_leaves: list, input_leaves: list, *, level: int = 0) -> jax.Array:
+    """``E[Σ costs]`` with each site's rule at ``level`` (see :data:`LEVELS`)."""
     graph, analysis = prep.graph, prep.analysis
     env = initial_env(graph, param_leaves, input_leaves)
 
     def on_site(site, distribution, env, continue_with):
-        refine = refined and site.name in analysis.refine
         k = prep.n_parallel[site.name]
-        if site.name in analysis.resolved:
+        rule = prep.rule(site, level) if not site.enumerable else ("enumerate",)
+        if rule[0] == "piecewise":
             points, weights = nonsmooth.piecewise_points(distribution, site.output.shape, site.output.dtype,
-                                                         prep.probes[site.name], env, refine)
+                                                         prep.probes[site.name], env, rule[1], rule[2], k)
+        elif rule[0] == "panels":
+            nodes, w = nonsmooth.panel_rule(rule[1], rule[2])
+            points, log_w = normal_tensor_points(distribution, site.output.shape, site.output.dtype, nodes, w, k)
+            weights = jnp.exp(log_w)
         else:
-            points, log_w = _points_or_refuse(site, distribution, prep.site_order(site, refined), k)
+            points, log_w = _points_or_refuse(site, distribution, rule[1] if rule[0] == "gh" else prep.order, k)
             weights = jnp.exp(log_w)
         if site.name in analysis.detached:
             points, weights = _detach(distribution, points, weights, k)
@@ -333,6 +382,18 @@ def integrate_prepared(prep: Prepared, param_leaves: list, input_leaves: list, *
 
     groups = walk(graph, env, on_site=on_site, on_end=on_end)
     return sum((jnp.sum(v) for v in groups.values()), jnp.zeros(()))
+
+
+def _spread(values: list) -> Any:
+    """Largest difference between any two of the levels' results (elementwise)."""
+    lo = values[0]
+    hi = values[0]
+    for v in values[1:]:
+        lo, hi = jnp.minimum(lo, v), jnp.maximum(hi, v)
+    return hi - lo
+
+
+ROUGH = 2.0  # an estimate from the two Gauss–Hermite orders alone (the panels did not fit) is doubled
 
 
 def _first(kinks: tuple, kind: str | None = None):
@@ -359,15 +420,18 @@ def graph_expectation(graph: Graph, param_leaves: list, input_leaves: list, *,
     joint grid fits the budget; a longer one is refused naming its length.
     Kinks and jumps at affine functions of a Normal site are integrated
     piecewise. Any other kink makes the reference estimated: on concrete values
-    it is integrated at two levels and returned when their difference is at most
-    ``rtol · max(|E|, 1)``; under a transformation (``jax.grad``, ``jit``,
+    it is integrated with the rules of :data:`LEVELS` and the finest is returned
+    when their spread is at most ``rtol · max(|E|, 1)``; under a transformation (``jax.grad``, ``jit``,
     ``vmap``) no error can be estimated and it is refused, as is any jump whose
     location is not known.
     """
     prep = prepare(graph, order, budget)
     analysis = prep.analysis
     if analysis.exact:
-        return integrate_prepared(prep, param_leaves, input_leaves)
+        if not analysis.resolved:
+            return integrate_prepared(prep, param_leaves, input_leaves)
+        # piecewise rules are many small operations: one compiled program instead of one per operation
+        return jax.jit(lambda p, x: integrate_prepared(prep, p, x))(list(param_leaves), list(input_leaves))
     if analysis.has_unresolved_jump:
         raise refusal(analysis.unresolved, "scg.expectation",
                       "Quadrature cannot integrate a jump it cannot locate (its gradient through the quadrature "
@@ -376,14 +440,15 @@ def graph_expectation(graph: Graph, param_leaves: list, input_leaves: list, *,
                       "is not exact enough.")
     if any(isinstance(x, jax.core.Tracer) for x in (*param_leaves, *input_leaves)):
         raise refusal(analysis.unresolved, "scg.expectation",
-                      "Quadrature is not exact there, so this reference needs an error estimate (two quadrature "
-                      "orders compared), which needs concrete values: it cannot be made under jax.grad, jax.jit or "
+                      "Quadrature is not exact there, so this reference needs an error estimate (several quadrature "
+                      "rules compared), which needs concrete values: it cannot be made under jax.grad, jax.jit or "
                       "jax.vmap. Call scg.expectation on concrete parameters for the value, scg.check_grad for a "
                       "gradient check that accounts for the reference's error, or scg.exact.reference(...) for the "
                       "value, the gradient and their estimated errors. " + _AFFINE_HINT)
-    coarse = integrate_prepared(prep, param_leaves, input_leaves)
-    fine = integrate_prepared(prep, param_leaves, input_leaves, refined=True)
-    error = float(jnp.abs(fine - coarse))
+    run = jax.jit(lambda p, x: [integrate_prepared(prep, p, x, level=lv) for lv in prep.levels])
+    values = run(list(param_leaves), list(input_leaves))
+    fine = values[-1]
+    error = float(_spread(values)) * (ROUGH if len(values) == 2 else 1.0)
     if not error <= rtol * max(abs(float(fine)), 1.0):
         raise refusal(analysis.unresolved, "scg.expectation",
                       f"Quadrature is not exact there: its estimated error is {error:.3g} on a value of "
@@ -414,24 +479,30 @@ def reference(graph: Graph, param_leaves: list, input_leaves: list, *, order: in
     """Value and gradient of ``E[Σ costs]`` with error estimates; never refuses for non-smoothness.
 
     Exact rules (enumeration, Gauss–Hermite on smooth costs, piecewise rules at located kinks)
-    report error 0. Otherwise the graph is integrated at two levels and the difference is the
-    error; where a jump is not located the gradient's error is infinite (the quadrature misses it).
+    report error 0. Otherwise the sites near the unlocated kinks are integrated with the rules of
+    :data:`LEVELS` that fit the budget (two families, two resolutions each), the finest is returned
+    and the spread of all is the error; where a jump is not located the gradient's error is
+    infinite (the quadrature misses the jump's contribution at every resolution).
     """
     prep = prepare(graph, order, budget)
     analysis = prep.analysis
-    # one compiled program per level (an eager walk compiles every primitive on its own shapes)
-    f = lambda refined: jax.jit(jax.value_and_grad(
-        lambda leaves, inputs: integrate_prepared(prep, leaves, inputs, refined=refined)))
-    value, grad = f(False)(list(param_leaves), list(input_leaves))
+    # one compiled program (an eager walk compiles every primitive on its own shapes)
+    run = jax.jit(lambda p, x, levels: [jax.value_and_grad(
+        lambda leaves: integrate_prepared(prep, leaves, x, level=lv))(p) for lv in levels], static_argnums=2)
     notes = tuple(k.describe() for k in analysis.kinks) + tuple(
         f"a stop_gradient{' at ' + src if src else ''} in the value of Normal site {s!r}: its points are held "
         "constant and the weights carry the gradient" for s, src in analysis.stop_gradients)
+    results = run(list(param_leaves), list(input_leaves), prep.levels)
+    value, grad = results[-1]
     if analysis.exact:
         return Reference(value, grad, 0.0, [jnp.zeros_like(g) for g in grad], notes, True)
-    fine, fine_grad = f(True)(list(param_leaves), list(input_leaves))
-    value_error = float(jnp.abs(fine - value))
+    factor = ROUGH if len(results) == 2 else 1.0
+    value_error = float(_spread([v for v, _ in results])) * factor
     if analysis.has_unresolved_jump:
-        grad_error = [jnp.full_like(g, jnp.inf) for g in fine_grad]
+        grad_error = [jnp.full_like(g, jnp.inf) for g in grad]
     else:
-        grad_error = [jnp.abs(a - b) for a, b in zip(fine_grad, grad)]
-    return Reference(fine, fine_grad, value_error, grad_error, notes, False)
+        grad_error = [_spread([gs[i] for _, gs in results]) * factor for i in range(len(grad))]
+    how = ("Gauss-Hermite of two orders and composite rules of two sizes" if factor == 1.0 else
+           "Gauss-Hermite of two orders (doubled: the composite rules do not fit the budget)")
+    notes += (f"the reference is estimated: its error is the spread of {how}",)
+    return Reference(value, grad, value_error, grad_error, notes, False)
