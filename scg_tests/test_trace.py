@@ -1,4 +1,6 @@
 """Tracing into the IR: structure, printing, dependency queries, and every trace-time error."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,9 +42,9 @@ def test_graph_structure_and_printer():
 
 def test_graph_is_immutable():
     g = small.trace(PARAMS, jnp.ones(3))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'nodes'"):
         g.nodes = ()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'name'"):
         g.sites[0].name = "w"
 
 
