@@ -90,8 +90,14 @@ def assert_records_close(a, b, rtol=1e-5):
 # --------------------------------------------------------------------------- #
 
 
-def test_sharded_gradients_and_samples_equal_the_single_device_ones():
-    result = run_worker("grads")
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory) -> dict:
+    """One worker with 4 CPU devices runs both checks below (one start-up and one trace of the model)."""
+    return run_worker("four", tmp_path_factory.mktemp("four"))
+
+
+def test_sharded_gradients_and_samples_equal_the_single_device_ones(four_devices):
+    result = four_devices["grads"]
     assert result["devices"] == 4 and result["threefry_partitionable"] is True
     assert result["samples_equal"], "jax.random draws differ under sharding"
     for name, r in result["cases"].items():
@@ -101,8 +107,8 @@ def test_sharded_gradients_and_samples_equal_the_single_device_ones():
         assert r["batch_sharding"] == "P('data',)" and r["param_sharding"] == "P()", r
 
 
-def test_fit_on_four_devices_follows_the_one_device_run_and_resumes_on_one_and_two(tmp_path):
-    result = run_worker("fit", tmp_path)
+def test_fit_on_four_devices_follows_the_one_device_run_and_resumes_on_one_and_two(four_devices):
+    result = four_devices["fit"]
     one, four = result["one"], result["four"]
     assert len(one) == len(four) == 2
     assert_records_close(four, one)  # the same trajectory up to the order of floating-point sums
@@ -276,7 +282,6 @@ def worker_grads() -> dict:
 
 
 def worker_fit(tmp: str) -> dict:
-    _setup(4)
     import jax
 
     from scg.training import devices
@@ -301,6 +306,10 @@ def worker_fit(tmp: str) -> dict:
             "max_param_diff_resumed_on_one": float(np.max(np.abs(np.subtract(_flat(one.params),
                                                                               _flat(resumed1.params))))),
             "multi_step": bool(multi_ok), "uneven_error": uneven}
+
+
+def worker_four(tmp: str) -> dict:
+    return {"grads": worker_grads(), "fit": worker_fit(tmp)}
 
 
 def worker_dist(port: str, processes: str, process_id: str, per_process: str, out: str) -> dict:
