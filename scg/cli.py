@@ -126,9 +126,10 @@ def _setup_devices(args: argparse.Namespace):
     try:
         devices.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
                            process_id=args.process_id, auto=bool(args.distributed), cpu_devices=args.devices)
-    except RuntimeError as err:  # JAX was started already (e.g. main() called twice in one process)
+    except (RuntimeError, ValueError) as err:  # no cluster settings found, or JAX started already
         if args.coordinator or args.distributed:
-            raise UsageError(f"cannot start jax.distributed: {str(err).splitlines()[0]}") from None
+            what = "read the cluster's settings" if args.distributed else "start jax.distributed"
+            raise UsageError(f"cannot {what}: {str(err).splitlines()[0]}") from None
     import jax
 
     local = len(jax.local_devices())

@@ -180,6 +180,26 @@ def test_command_refuses_a_batch_size_the_devices_do_not_divide(tmp_path):
                                    "4, e.g. --batch-size 28")
 
 
+def test_command_refuses_incomplete_or_conflicting_process_flags(tmp_path, capsys):
+    from scg import cli
+
+    base = ["aevb", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]
+    cases = [(["--coordinator", "localhost:1", "--num-processes", "2"], "needs --coordinator HOST:PORT, "
+              "--num-processes N and --process-id I"),
+             (["--distributed", "auto", "--process-id", "0"], "--distributed auto reads the cluster's settings; "
+              "drop --process-id"),
+             (["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"],
+              "--process-id must be below --num-processes (2)")]
+    for extra, message in cases:
+        assert cli.main(base + extra) == 1
+        assert message in capsys.readouterr().err
+    # no launcher's settings to read: one line, no traceback (in a subprocess: it configures JAX)
+    proc = subprocess.run([sys.executable, "-m", "scg.cli", *base, "--distributed", "auto"], env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "scg aevb: error: cannot read the cluster's settings: coordinator_address should be defined."]
+
+
 # --------------------------------------------------------------------------- #
 # The workers (run as a script: they set up JAX's devices before it starts).
 # --------------------------------------------------------------------------- #
