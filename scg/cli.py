@@ -81,13 +81,15 @@ def _add_common_arguments(parser: argparse.ArgumentParser, *, name: str, batch_s
     group = parser.add_argument_group(
         "devices", "data parallelism: each batch is split over the devices (of every process); parameters and "
                    "optimizer state are replicated; the same --seed gives the same run on any number of devices")
-    group.add_argument("--devices", type=_positive_int, default=None,
+    group.add_argument("--devices", type=_positive_int, default=None, metavar="N",
                        help="devices to use in each process (default: all; on CPU, this many CPU devices are made)")
     group.add_argument("--coordinator", metavar="HOST:PORT", default=None,
                        help="address of process 0 for a run over several processes (jax.distributed); with "
                             "--num-processes and --process-id")
-    group.add_argument("--num-processes", type=_positive_int, default=None, help="processes taking part")
-    group.add_argument("--process-id", type=_non_negative_int, default=None, help="this process's index (0 ... N-1)")
+    group.add_argument("--num-processes", type=_positive_int, default=None, metavar="N",
+                       help="processes taking part")
+    group.add_argument("--process-id", type=_non_negative_int, default=None, metavar="I",
+                       help="this process's index (0 ... N-1)")
     group.add_argument("--distributed", choices=("auto",), default=None,
                        help="auto: let JAX read the cluster launcher's settings (SLURM, Open MPI, TPU, ...)")
 
