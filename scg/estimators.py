@@ -151,7 +151,7 @@ def _carry_dependent(body: Graph, carry_inputs: tuple) -> set:
 
 
 def _walk_estimate(graph: Graph, env: dict, key: jax.Array, *, steps: tuple, order: int, checked: bool,
-                   finish: Callable, every_sampled: bool = False) -> Any:
+                   finish: Callable, every_sampled: bool = False, drawn_keys: dict | None = None) -> Any:
     """One walk that samples every site, integrates enumerated ones, runs loops, then calls ``finish``.
 
     ``finish(env, scored, exponent_of)``: ``exponent_of(node, plates)`` is the sum
@@ -165,7 +165,8 @@ def _walk_estimate(graph: Graph, env: dict, key: jax.Array, *, steps: tuple, ord
     def on_site(site: Site, distribution: Any, env: dict, continue_with: Callable):
         if site.enumerated:
             return integrate.integrate_site(site, distribution, continue_with, order)
-        k = _draw_key(key, site, steps)
+        # a loop hands its body each site's key of the step, derived before the loop in one vmap
+        k = drawn_keys[site.name] if drawn_keys is not None else _draw_key(key, site, steps)
         if site.reparameterized:
             value = distribution.rsample(k)
         else:
@@ -216,6 +217,8 @@ def _walk_estimate(graph: Graph, env: dict, key: jax.Array, *, steps: tuple, ord
                 high = b.bit_length() - 1
                 stripped.append(high)
                 b ^= 1 << high
+            if not b and not stripped:
+                return None  # no score-function ancestor: no ⊡ to build
             value = memo[(b, plates)] if b else jnp.zeros(())
             for high in reversed(stripped):
                 b |= 1 << high
@@ -238,17 +241,24 @@ def _cost_terms(graph: Graph, env: dict) -> dict:
             for c in graph.costs}
 
 
+def _box(exponent: Any, extra: Any) -> Any:
+    """``⊡(exponent + extra)``, or a plain 1 when there is no log density to differentiate."""
+    if exponent is None and isinstance(extra, float) and extra == 0.0:
+        return 1.0
+    return magic_box((0.0 if exponent is None else exponent) + extra)
+
+
 def _surrogate(graph: Graph, env: dict, cost_terms: dict, exponent_of: Callable,
                extra_exponent: Callable = lambda node: 0.0) -> tuple[jax.Array, jax.Array]:
     """``(Σ_j c_j·⊡(exponent_j), Σ_j c_j)`` over the graph's costs and loops."""
     surrogate, loss = jnp.zeros(()), jnp.zeros(())
     for c in graph.costs:
         term, plates = cost_terms[c.name]
-        surrogate = surrogate + jnp.sum(term * magic_box(exponent_of(c, plates) + extra_exponent(c)))
+        surrogate = surrogate + jnp.sum(term * _box(exponent_of(c, plates), extra_exponent(c)))
         loss = loss + jnp.sum(term)
     for node in graph.scans:
         terms = env[_scan_key(node.name)]
-        surrogate = surrogate + terms.surrogate * magic_box(exponent_of(node, ()) + extra_exponent(node))
+        surrogate = surrogate + terms.surrogate * _box(exponent_of(node, ()), extra_exponent(node))
         loss = loss + terms.loss
     return surrogate, loss
 
@@ -294,7 +304,7 @@ def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order
 
     def step(carry_aug, step_inputs):
         carry, carried_logp = carry_aug
-        t, xs_t = step_inputs
+        t, xs_t, keys_t = step_inputs
         env = initial_env(body, [], [*consts, *carry, *xs_t])
 
         def finish(env, scored, exponent_of):
@@ -315,12 +325,18 @@ def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order
                 from_carry_costs)
 
         results, surrogate, loss, step_logp, new_logp, own, later = _walk_estimate(
-            body, env, key, steps=(*steps, t), order=order, checked=checked, finish=finish, every_sampled=True)
+            body, env, key, steps=(*steps, t), order=order, checked=checked, finish=finish, every_sampled=True,
+            drawn_keys=keys_t)
         return (results[:c], new_logp), (results[c:], surrogate, loss, step_logp, own, later)
 
     zero = jnp.zeros(())
+    # every step's key of every site, before the loop (one vmap each): fold_in inside the body would be
+    # one serial hash per step and site, the loop's bottleneck on long chains
+    steps_t = jnp.arange(node.length)
+    keys = {s.name: jax.vmap(lambda t, s=s: _draw_key(key, s, (*steps, t)))(steps_t)
+            for s in body.sites if not s.enumerated}
     (final, _), (ys, surrogates, losses, log_densities, own, later) = lax.scan(
-        step, (list(init), zero), (jnp.arange(node.length), list(xs)), length=node.length, reverse=node.reverse)
+        step, (list(init), zero), (steps_t, list(xs), keys), length=node.length, reverse=node.reverse)
     downstream = own
     if feeds_carry:  # + the carry-reading costs of the steps that run after step t
         after = jnp.cumsum(later[::-1])[::-1] - later if not node.reverse else jnp.cumsum(later) - later

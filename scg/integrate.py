@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from scg import nonsmooth
+from scg import forward, nonsmooth
 from scg.errors import BudgetError, IntractableError
 from scg.interpreter import initial_env, read, validity_factor, walk
 from scg.ir import Graph, Site, Var
@@ -310,8 +310,12 @@ class Prepared:
 
 
 def prepare(graph: Graph, order: int, budget: int, what: str = "scg.expectation") -> Prepared:
-    """Unrolls loops, checks families and the budget, and finds the kinks (linear in the graph)."""
-    if graph.scans:
+    """Unrolls loops, checks families and the budget, and finds the kinks (linear in the graph).
+
+    Discrete chains (see :func:`scg.forward.eligible`) stay loops: the forward recursion integrates
+    them at a cost of T·K², whatever T.
+    """
+    if graph.scans and not all(forward.eligible(graph, s) for s in graph.scans):
         graph = _unrolled_within_budget(graph, order, budget)
     check_families(list(graph.sites), what)
     n_parallel = {s.name: parallel_plates(graph, s) for s in graph.sites}
@@ -378,9 +382,17 @@ def integrate_prepared(prep: Prepared, param_leaves: list, input_leaves: list, *
             term = per_example(read(env, c.input), plates)
             term = term if isinstance(valid, float) else term * valid.astype(c.input.dtype)
             groups[plates] = groups[plates] + term if plates in groups else term
+        for node in graph.scans:  # discrete chains, by the forward recursion
+            term = env[("scg.forward", node.name)]
+            groups[()] = groups[()] + term if () in groups else term
         return groups
 
-    groups = walk(graph, env, on_site=on_site, on_end=on_end)
+    def on_scan(node, operands, env):
+        total = forward.expected_cost(node, operands, lambda s, d, cont: integrate_site(s, d, cont, prep.order))
+        # nothing reads an eligible loop's results: placeholders keep the environment complete
+        return [jnp.zeros(v.shape, v.dtype) for v in node.outputs], {("scg.forward", node.name): total}
+
+    groups = walk(graph, env, on_site=on_site, on_end=on_end, on_scan=on_scan)
     return sum((jnp.sum(v) for v in groups.values()), jnp.zeros(()))
 
 

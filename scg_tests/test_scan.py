@@ -277,3 +277,30 @@ def test_a_sampled_loss_needs_no_baseline(key):
     with_baseline = scg.compile(bernoulli_chain, passes=[], baseline="leave_one_out")
     plain = scg.compile(bernoulli_chain, passes=[])
     np.testing.assert_array_equal(with_baseline.loss(BERN, B3, key=key), plain.loss(BERN, B3, key=key))
+
+
+@scg.model
+def discrete_hmm(params, x):
+    def step(state, x_t):
+        z = scg.sample("z", dist.Categorical(logits=params["T"][state]))
+        scg.cost("nll", (x_t - params["mu"][z]) ** 2)
+        return z, None
+
+    jax.lax.scan(step, jnp.int32(0), x)
+
+
+HMM = {"T": jnp.array([[0.5, -0.2, 0.1], [0.0, 1.0, -1.0], [0.3, 0.3, 0.9]]), "mu": jnp.array([-1.0, 0.0, 1.5])}
+
+
+def test_a_discrete_chain_is_integrated_by_the_forward_recursion(key):
+    x = jnp.array([0.3, -1.0, 1.2, 0.5])
+    # the recursion (T·K²) against the unrolled twin's joint enumeration (K^T): value and gradient
+    twin = scg.unroll(discrete_hmm.trace(HMM, x))
+    exact = jax.value_and_grad(lambda p: scg.expectation(discrete_hmm, p, x))(HMM)
+    joint = jax.value_and_grad(lambda p: scg.expectation(twin, p, x))(HMM)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), exact, joint)
+    # a chain far beyond any joint grid: T = 300 (3^300 paths) is exact, and the estimator agrees with it
+    long_x = jnp.sin(jnp.arange(300.0))
+    assert np.isfinite(float(scg.expectation(discrete_hmm, HMM, long_x)))
+    report = scg.check_grad(discrete_hmm, HMM, long_x[:60], key=key, num_samples=1000)
+    assert report.ok, report
