@@ -13,6 +13,10 @@ import numpy as np
 import optax
 import pytest
 
+# after a failed orbax restore, tensorstore's callbacks can arrive once orbax's event loop has closed
+# ("Event loop is closed", raised in a callback nobody awaits): harmless, and not what these tests check
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 from scg.training.checkpoint import (FORMAT_VERSION, CheckpointError, atomic_write, load_checkpoint, load_metadata,
                                      save_checkpoint)
 
