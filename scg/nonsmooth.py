@@ -229,8 +229,7 @@ def _update_nonnegative(e: _Eq, nonneg: dict) -> None:
             nonneg[v] = True
 
 
-def _collect(e: _Eq, bits: dict, nonneg: dict, normal_mask: int, node: int, path: tuple, out: list,
-             stops: list) -> None:
+def _collect(e: _Eq, bits: dict, nonneg: dict, normal_mask: int, path: tuple, out: list, stops: list) -> None:
     """Appends ``(eq, path, bits of its operands, kind, reason)`` for each non-smooth equation in ``e``
     (``e`` itself, or inside its call body) that a Normal site's value reaches."""
     b = _bits_of(e.ins, bits)
@@ -245,7 +244,7 @@ def _collect(e: _Eq, bits: dict, nonneg: dict, normal_mask: int, node: int, path
         inner_nonneg = dict(zip(jaxpr.invars, _nonnegative_operands(e, nonneg)))
         for j, ie in enumerate(_jaxpr_eqs(jaxpr)):
             if not (e.name in _jax.CUSTOM_DERIVATIVE_CALLS and ie.name == "stop_gradient"):
-                _collect(ie, inner, inner_nonneg, normal_mask, node, path + (j,), out, stops)
+                _collect(ie, inner, inner_nonneg, normal_mask, path + (j,), out, stops)
             ib = _bits_of(ie.ins, inner)
             for v in ie.outs:
                 inner[v] = ib
@@ -366,10 +365,11 @@ def analyze(graph: Graph, normal: frozenset, *,
         if i in live:
             here: list = []
             here_stops: list = []
-            _collect(e, bits, nonneg, normal_mask, i, (), here, here_stops)
+            _collect(e, bits, nonneg, normal_mask, (), here, here_stops)
             found.extend((i, *f) for f in here)
             stops.extend((b, src or n.source) for b, src in here_stops)
         _update_nonnegative(e, nonneg)
+
     def names(b: int) -> tuple:  # the sites of a bitset, in program order
         out, k = [], 0
         while b:
