@@ -402,7 +402,7 @@ def analyze(graph: Graph, normal: frozenset, *,
                 floating = [s for s, a in zip(operand, e.ins) if _jax._is_floating(_aval(a)[1])]
                 if any(s == "nonaffine" for s in floating):
                     reason = f"its argument is not an affine function of site {last!r}"
-        kinks.append(Kink(e.name, kind, e.source or graph.nodes[i].source, i, path, deps, normals,
+        kinks.append(Kink(e.name, kind, e.source or _nearest_source(graph, i), i, path, deps, normals,
                           None if reason else last, reason, slots if not reason else 0))
     kinks = _fit_budget(graph, kinks, normal, size_of, budget)
     resolved: dict = {}
@@ -416,6 +416,22 @@ def analyze(graph: Graph, normal: frozenset, *,
     stop_list = tuple((s, src) for b, src in stops for s in names(b) if s in normal)
     return Analysis(tuple(kinks), {s: tuple(v) for s, v in resolved.items()}, plans, unresolved, detached, refine,
                     stop_list)
+
+
+def _nearest_source(graph: Graph, i: int, limit: int = 64) -> str | None:
+    """The node's source line, else the first one found downstream (an equation inlined from a
+    library's jitted function, such as ``jnp.clip``, has none of its own)."""
+    queue, seen = [i], {i}
+    while queue and len(seen) <= limit:
+        j = queue.pop(0)
+        if graph.nodes[j].source:
+            return graph.nodes[j].source
+        for v in graph.nodes[j].outputs:
+            for k in graph.consumers.get(v, ()):
+                if k not in seen:
+                    seen.add(k)
+                    queue.append(k)
+    return None
 
 
 def _fit_budget(graph: Graph, kinks: list, normal: frozenset, size_of, budget) -> list:
