@@ -211,7 +211,7 @@ def main(argv=None) -> int:
             elif code == -1:
                 status, detail = "timeout", ""
             elif failed:
-                status, detail = "MISSED", f"only tests that fail in the control failed: {', '.join(short(f) for f in failed)}"
+                status, detail = "MISSED", f"only control failures failed: {', '.join(short(f) for f in failed)}"
             elif code not in (0, 5):
                 status, detail = "error", f"pytest exit {code}: {tail.splitlines()[-1] if tail else ''}"
             else:

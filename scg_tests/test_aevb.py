@@ -88,7 +88,7 @@ def test_auto_pipeline_integrates_the_kl_and_reparameterizes_z(biases):
 
 
 def plain_encode_and_kl(params, x):
-    """``(μ, σ, KL_i)`` with the analytic ``KL(N(μ, σ)‖N(0, 1)) = Σ ½(μ² + σ² − 1) − log σ`` per example."""
+    """``(μ, σ, KL_i)`` with the analytic ``KL_i = KL(N(μ, σ)‖N(0, 1)) = Σ ½(μ² + σ² − 1) − log σ``."""
     h = x
     for layer in params["encoder"]:
         h = jax.nn.softplus(h @ layer["w"])
