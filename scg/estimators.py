@@ -114,15 +114,13 @@ def _refuse_moving_supports(graph: Graph, sites: Any, in_loop_body: bool) -> Non
     ``∇E[f(z)] = E[f(z)∇log p(z)]`` needs the support to stay put: when it moves with θ the
     boundary term of the Leibniz rule is missing and the estimate is biased, silently.
     """
-    reached = None
     constants = {v for v, _ in graph.consts}
     for site in sites:
         operands = [site.inputs[i] for i in site.support_inputs if isinstance(site.inputs[i], Var)]
         if in_loop_body:  # θ reaches a body only through its operands: any computed bound may depend on it
             moving = [a for a in operands if a not in constants]
         else:
-            reached = graph.forward_reach(graph.params) if reached is None else reached
-            moving = [a for a in operands if a in graph.params or graph.producers.get(a) in reached]
+            moving = [a for a in operands if graph.depends_on_params(a)]
         if moving:
             names = ", ".join(dict.fromkeys(site.dist.leaf_names[i] for i in site.support_inputs))
             raise ModelError(
@@ -139,15 +137,6 @@ def _draw_key(key: jax.Array, site: Site, steps: tuple) -> jax.Array:
     for t in (*steps, *site.steps):
         k = jax.random.fold_in(k, t)
     return k
-
-
-def _carry_dependent(body: Graph, carry_inputs: tuple) -> set:
-    """The Vars of a loop body computed from the carried values (through sites and nested loops)."""
-    reached = set(carry_inputs)
-    for n in body.nodes:
-        if any(isinstance(a, Var) and a in reached for a in n.inputs):
-            reached.update(n.outputs)
-    return reached
 
 
 def _walk_estimate(graph: Graph, env: dict, key: jax.Array, *, steps: tuple, order: int, checked: bool,
@@ -289,12 +278,10 @@ def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order
                          "outside loops, or leave the loop's sites sampled", source=node.source)
     k, c = node.num_consts, node.num_carry
     consts, init, xs = operands[:k], operands[k:k + c], operands[k + c:]
-    from_carry = _carry_dependent(body, node.carry_inputs)
+    # the Vars computed from the carried values (through sites and nested loops)
+    from_carry = set(node.carry_inputs).union(*(body.nodes[i].outputs for i in body.forward_reach(node.carry_inputs)))
     reads_carry = lambda n: any(isinstance(a, Var) and a in from_carry for a in n.inputs)
-    into_carry = set()
-    for a in node.carry_outputs:
-        if isinstance(a, Var):
-            into_carry.update(body.stochastic_ancestors(_Reads((a,))))
+    into_carry = set(body.stochastic_ancestors_of(node.carry_outputs))
     # what a step's score meets, for baselines: its own step's costs that depend on its sites and,
     # when its sites flow into the carry, every later step's costs that read the carry
     scored_here = {s.name for s in score_sites(body, every_sampled=True)} | {s.name for s in body.scans}
@@ -343,12 +330,6 @@ def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order
         downstream = own + after
     return [*final, *ys], ScanTerms(jnp.sum(surrogates), jnp.sum(losses), jnp.sum(log_densities),
                                     log_densities, downstream)
-
-
-class _Reads(NamedTuple):
-    """A stand-in node that reads ``inputs`` (for ancestry queries about a set of Vars)."""
-
-    inputs: tuple
 
 
 def particle_estimate(graph: Graph, env: dict, key: jax.Array, *, order: int = integrate.DEFAULT_ORDER,

@@ -384,8 +384,12 @@ class Graph:
 
     def stochastic_ancestors(self, node: Any) -> tuple:
         """The names of the sites (and scans) a cost — or any node's inputs — depend on, in program order."""
+        return self.stochastic_ancestors_of(node.inputs)
+
+    def stochastic_ancestors_of(self, atoms: Iterable) -> tuple:
+        """The names of the sites (and scans) any of ``atoms`` depends on, in program order."""
         bits = 0
-        for a in node.inputs:
+        for a in atoms:
             if isinstance(a, Var):
                 bits |= self._stochastic_ancestry.get(a, 0)
         return self._names_of_bits(bits)
@@ -406,10 +410,17 @@ class Graph:
         return {k: tuple(v) for k, v in table.items()}
 
     @functools.cached_property
+    def param_reach(self) -> frozenset:
+        """Indices of the nodes that read the parameters, directly or transitively."""
+        return self.forward_reach(self.params)
+
+    def depends_on_params(self, atom: Any) -> bool:
+        return isinstance(atom, Var) and (atom in self.params or self.producers.get(atom) in self.param_reach)
+
+    @functools.cached_property
     def param_dependent_sites(self) -> frozenset:
         """Names of the sites whose distribution operands depend on the parameters."""
-        reached = self.forward_reach(self.params)
-        return frozenset(self.nodes[i].name for i in reached if isinstance(self.nodes[i], Site))
+        return frozenset(self.nodes[i].name for i in self.param_reach if isinstance(self.nodes[i], Site))
 
     # --- structural preconditions ----------------------------------------------------------------
     def validate(self) -> None:

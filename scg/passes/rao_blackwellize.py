@@ -60,10 +60,6 @@ def _terms(graph: Graph, var, sign: float = 1.0) -> list:
     return [(var, sign)]
 
 
-def _ancestry(graph: Graph, atom) -> tuple:
-    return graph.stochastic_ancestors(Cost("", atom)) if isinstance(atom, Var) else ()
-
-
 def split_costs(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Graph, Certificate]:
     """Splits each cost that is a signed sum of terms with different stochastic ancestors.
 
@@ -104,7 +100,7 @@ def split_costs(graph: Graph, sites: Iterable[str] | None = None) -> tuple[Graph
             reduced = graph.nodes[producer]
             top = reduced.inputs[0]
         terms = _terms(graph, top)
-        if len(terms) < 2 or len({_ancestry(graph, t) for t, _ in terms}) < 2:
+        if len(terms) < 2 or len({graph.stochastic_ancestors_of([t]) for t, _ in terms}) < 2:
             nodes.append(n)
             continue
         full = top.shape
