@@ -238,11 +238,13 @@ def build_scg(init: dict, xs: np.ndarray, seed: int) -> tuple:
     t0 = time.perf_counter()
     graph, certificates = objective.graph_and_certificates(params, batches[0])  # trace + passes (cached)
     trace_passes_s = time.perf_counter() - t0
-    state = {"params": params, "opt": optimizer.init(params)}
+    state = {"params": params, "opt": optimizer.init(params),
+             "baseline": objective.init_baseline_state(params, batches[0])}  # EmptyState(): auto leaves no score
     key = jax.random.key(seed)
 
     def step(i: int) -> float:
-        state["params"], state["opt"], loss = step_fn(state["params"], state["opt"], key, i, batches[i % len(batches)])
+        state["params"], state["opt"], state["baseline"], loss = step_fn(
+            state["params"], state["opt"], state["baseline"], key, i, batches[i % len(batches)])
         return float(loss)
 
     extra = {"trace_passes_s": trace_passes_s,

@@ -181,8 +181,17 @@ def run_worker(name: str, steps: int, per_dispatch: int, seed: int) -> dict:
             import scg.training
 
             objective = scg_objective()
-            one_step = scg.training.make_step(objective, optimizer)
-            multi_step = scg.training.make_multi_step(objective, optimizer)
+            stepped = scg.training.make_step(objective, optimizer)
+            stepped_many = scg.training.make_multi_step(objective, optimizer)
+            no_state = scg.baselines.EmptyState()  # the objective's baseline keeps none
+
+            def one_step(p, o, k, i, *batch):
+                p, o, _, loss = stepped(p, o, no_state, k, i, *batch)
+                return p, o, loss
+
+            def multi_step(p, o, k, first, *batches):
+                p, o, _, losses = stepped_many(p, o, no_state, k, first, *batches)
+                return p, o, losses
         else:
             def body(p, o, k, i, xb, yb):
                 loss, g = jax.value_and_grad(jax_loss)(p, xb, yb, jax.random.fold_in(k, i))

@@ -958,6 +958,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--independent-T", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.path.join(_harness.BENCH_DIR, "results", "scan_chain.json"))
     p.add_argument("--quick", action="store_true", help="smoke run: T ≤ 1000, N ≤ 200, 1 first-call round")
+    p.add_argument("--T-values", type=int, nargs="+", metavar="T",
+                   help="chain lengths to measure (default 10 100 1000 10000; --quick 10 100 1000)")
     p.add_argument("--rounds", type=int, help="first-call rounds (default 3; --quick 1)")
     p.add_argument("--steady-rounds", type=int, help="steady-step rounds (default 15; --quick 3)")
     p.add_argument("--block", type=float, default=0.3, help="seconds of calls per system per steady round")
@@ -989,7 +991,7 @@ def main(argv: list[str] | None = None) -> None:
         _finish(payload, args.out, prefix)
         return
 
-    Ts = TS_QUICK if args.quick else TS
+    Ts = tuple(args.T_values) if args.T_values else (TS_QUICK if args.quick else TS)
     Ns = NS_QUICK if args.quick else NS
     rounds = args.rounds or (1 if args.quick else 3)
     steady_rounds = args.steady_rounds or (3 if args.quick else 15)
