@@ -813,7 +813,11 @@ def markdown(summary: dict) -> str:
                                  f" / {e.get('xla_compile_s', float('nan')):.2f}" if "first_call_s" in e else "—")
                 rows.append([NAMES[chain][s] + ": trace+passes / +lowering / XLA (s)", *cells])
             parts.append(_harness.markdown_table(header, rows) + "\n")
-        st = summary["steady"].get(chain, {})
+        failed = {T: e["error"] for T, e in summary["steady"].get(chain, {}).items() if "error" in e}
+        for T, err in failed.items():
+            parts.append(f"**{CHAIN_TITLE[chain]}, steady step, T = {int(T):,}: failed** "
+                         f"(`{err.strip().splitlines()[-1]}`)\n")
+        st = {T: e for T, e in summary["steady"].get(chain, {}).items() if T not in failed}
         if st:
             Ts = sorted(st, key=int)
             parts.append(f"**{CHAIN_TITLE[chain]}, steady step** (ms per jitted value-and-gradient, median; "

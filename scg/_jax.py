@@ -194,7 +194,23 @@ def scan_parts(eqn: Any) -> tuple | None:
         return None
     closed = eqn.params["jaxpr"]
     return (closed.jaxpr, list(closed.consts), int(eqn.params["length"]), bool(eqn.params["reverse"]),
-            int(eqn.params["num_consts"]), int(eqn.params["num_carry"]))
+            *_scan_operand_counts(eqn.params))
+
+
+def _scan_operand_counts(params: dict) -> tuple[int, int]:
+    """How many of a scan's operands are loop constants and how many are carried, in either layout.
+
+    JAX ≤ 0.10 records them as ``num_consts`` / ``num_carry``; JAX 0.11 replaced both by
+    ``ft_in``, a flat tree packed from the three groups (consts, carry, xs).
+    """
+    if "num_consts" in params and "num_carry" in params:
+        return int(params["num_consts"]), int(params["num_carry"])
+    if "ft_in" in params:
+        consts, carry, _ = params["ft_in"].unpack()
+        return len(consts), len(carry)
+    raise NotImplementedError(
+        "this JAX release records a lax.scan's operands in a layout scg does not know (neither num_consts/"
+        f"num_carry nor ft_in; its params are {sorted(params)}); sites inside loops need scg updated for it")
 
 
 # --- derivatives: primitives whose derivative is zero or undefined almost everywhere ------------
@@ -260,6 +276,7 @@ HIDDEN_PARAMS = frozenset({
     "sharding", "out_sharding", "accuracy", "precision", "preferred_element_type", "in_shardings",
     "out_shardings", "in_layouts", "out_layouts", "donated_invars", "ctx_mesh", "keep_unused", "inline",
     "compiler_options_kvs", "symbolic_zeros", "jvp_jaxpr_fun", "jvp_jaxpr_thunk", "num_consts",
+    "ft_in", "ft_out",
     "fwd_jaxpr_thunk", "bwd", "out_trees"})
 
 
