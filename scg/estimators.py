@@ -40,7 +40,7 @@ from jax import lax
 
 from scg import integrate
 from scg.errors import ModelError
-from scg.interpreter import Draw, initial_env, read, validity_factor, walk
+from scg.interpreter import Draw, initial_env, log_density, read, validity_factor, walk
 from scg.ir import Graph, Scan, Site, Var
 from scg.plates import align, per_example
 
@@ -163,14 +163,14 @@ def _walk_estimate(graph: Graph, env: dict, key: jax.Array, *, steps: tuple, ord
             value = lax.stop_gradient(distribution.sample(k))
         extra = {}
         if site.name in scored:
-            log_density = distribution.log_prob(value)
-            if jnp.ndim(log_density) < len(site.plates):
+            log_p = log_density(distribution, value)
+            if jnp.ndim(log_p) < len(site.plates):
                 raise ModelError(
-                    f"site {site.name!r}: its log density has shape {jnp.shape(log_density)}, but the site is "
+                    f"site {site.name!r}: its log density has shape {jnp.shape(log_p)}, but the site is "
                     f"inside plates {[p.name for p in site.plates]}; plate dimensions must be batch dimensions "
                     "of the distribution, not event dimensions (do not .to_event() them)", site=site.name,
                     source=site.source)
-            extra[_logp_key(site.name)] = per_example(log_density, site.plates)
+            extra[_logp_key(site.name)] = per_example(log_p, site.plates)
         return Draw(value, extra)
 
     def on_scan(node: Scan, operands: list, env: dict):

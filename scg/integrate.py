@@ -56,7 +56,7 @@ import numpyro.distributions as dist
 
 from scg import forward, nonsmooth
 from scg.errors import BudgetError, IntractableError
-from scg.interpreter import initial_env, read, validity_factor, walk
+from scg.interpreter import initial_env, log_density, read, validity_factor, walk
 from scg.ir import Graph, Site, Var
 from scg.plates import align, per_example
 from scg.unroll import unroll
@@ -99,7 +99,7 @@ def support_points(d: Any, shape: tuple, dtype: Any, order: int, n_parallel: int
         idx = _flat_index_grid(int(np.prod(inner_batch, dtype=np.int64)), per_element)
         inner = values[idx].reshape((idx.shape[0],) + inner_batch + event_shape).astype(dtype)
         points = jnp.broadcast_to(inner[(slice(None),) + (None,) * n_parallel], (idx.shape[0],) + tuple(shape))
-        log_p = jax.vmap(d.log_prob)(points)
+        log_p = jax.vmap(lambda z: log_density(d, z))(points)
         log_w = jnp.sum(log_p, axis=tuple(range(1 + n_parallel, log_p.ndim)))
         return points, log_w
     if is_normal(d):
@@ -247,7 +247,7 @@ def _detach(distribution: Any, points: Any, weights: Any, n_parallel: int) -> tu
     one every estimator agrees on when a ``stop_gradient`` sits downstream of the site.
     """
     points = jax.lax.stop_gradient(points)
-    log_p = jax.vmap(distribution.log_prob)(points)
+    log_p = jax.vmap(lambda z: log_density(distribution, z))(points)
     log_p = jnp.sum(log_p, axis=tuple(range(1 + n_parallel, log_p.ndim)))
     box = jnp.exp(log_p - jax.lax.stop_gradient(log_p))
     return points, weights * box.reshape(weights.shape).astype(weights.dtype)

@@ -1,8 +1,10 @@
 """The one graph walker, in the textbook shape (``env``, ``read``/``write``, ``bind``).
 
 :func:`walk` evaluates a Graph node by node. Deterministic nodes re-bind their
-JAX primitive, log-density nodes call the family's ``log_prob``, and at every
-site it hands control to a *site handler* in continuation-passing style::
+JAX primitive, log-density nodes call :func:`log_density` (the family's
+``log_prob``, with exact slopes for logit-parameterized Bernoulli and
+Binomial), and at every site it hands control to a *site handler* in
+continuation-passing style::
 
     on_site(site, distribution, env, continue_with) -> result
 
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax.experimental import checkify
+from jax.scipy.special import gammaln
 from numpyro.distributions import constraints
 
 from scg import _jax
@@ -66,6 +69,65 @@ def initial_env(graph: Graph, param_leaves: list, input_leaves: list) -> dict:
 
 def read(env: dict, atom: Any) -> Any:
     return atom.value if isinstance(atom, Literal) else env[atom]
+
+
+def _where_finite(logits: Any, log_mass: Callable, numpyro_log_prob: jax.Array) -> jax.Array:
+    """``log_mass(logits)`` where the logits are finite, numpyro's value (its limits) where they are not."""
+    finite = jnp.isfinite(logits)
+    return jnp.where(finite, log_mass(jnp.where(finite, logits, jnp.zeros_like(logits))), numpyro_log_prob)
+
+
+class _BernoulliLogits(dist.BernoulliLogits):
+    """``log p(v) = −v·softplus(−ℓ) − (1 − v)·softplus(ℓ)``: slope ``v − σ(ℓ)`` everywhere, ``ℓ = 0`` too."""
+
+    def log_prob(self, value: Any) -> jax.Array:
+        return _where_finite(self.logits, lambda ell: -value * jax.nn.softplus(-ell)
+                             - (1 - value) * jax.nn.softplus(ell), super().log_prob(value))
+
+
+class _BinomialLogits(dist.BinomialLogits):
+    """``log C(n, k) − k·softplus(−ℓ) − (n − k)·softplus(ℓ)``: slope ``k − n·σ(ℓ)`` everywhere."""
+
+    def log_prob(self, value: Any) -> jax.Array:
+        n = jnp.asarray(self.total_count, dtype=jnp.result_type(float))
+        log_choose = gammaln(n + 1) - gammaln(value + 1) - gammaln(n - value + 1)
+        return _where_finite(self.logits, lambda ell: log_choose - value * jax.nn.softplus(-ell)
+                             - (n - value) * jax.nn.softplus(ell), super().log_prob(value))
+
+
+_EXACT_SLOPES = {dist.BernoulliLogits: lambda d: _BernoulliLogits(d.logits, validate_args=d._validate_args),
+                 dist.BinomialLogits: lambda d: _BinomialLogits(d.logits, d.total_count,
+                                                                validate_args=d._validate_args)}
+
+
+def log_density(distribution: Any, value: Any) -> jax.Array:
+    """``distribution.log_prob(value)`` with the right gradient where numpyro's is wrong; scg's one way to score.
+
+    numpyro writes ``softplus(ℓ)`` in ``BernoulliLogits`` and ``BinomialLogits``
+    as ``max(ℓ, 0) + log1p(exp(−|ℓ|))``; at ``ℓ = 0`` exactly JAX gives the two
+    pieces the slopes ``1/2`` and ``−1/2`` (``∂|ℓ| = 1`` there), so
+    ``∂ℓ log p(v)`` is ``v`` instead of ``v − 1/2``. A logit of exactly 0 is
+    common (zero-initialized biases; float32 sums such as ``−0.4 + 0.25 + 0.15``),
+    and there the enumeration weights ``Σ_v p(v)`` get a nonzero gradient
+    and a score-function term a biased one. Those families (also inside
+    ``Independent``, ``expand`` and masks) are scored with ``softplus``, whose
+    slope is ``σ(ℓ)`` everywhere; values are numpyro's to float rounding.
+    """
+    is_fixed = lambda x: type(x) in _EXACT_SLOPES
+    if not any(is_fixed(d) for d in _nested(distribution)):
+        return distribution.log_prob(value)
+    fixed = jax.tree_util.tree_map(lambda x: _EXACT_SLOPES[type(x)](x) if is_fixed(x) else x, distribution,
+                                   is_leaf=is_fixed)
+    return fixed.log_prob(value)
+
+
+def _nested(distribution: Any) -> list:
+    """The distribution and the ones it wraps (``base_dist`` of ``Independent``, ``expand``, masks)."""
+    found, d = [], distribution
+    while d is not None:
+        found.append(d)
+        d = getattr(d, "base_dist", None)
+    return found
 
 
 def parameter_checks(distribution: Any) -> list[tuple[str, Any]]:
@@ -115,7 +177,7 @@ def walk(graph: Graph, env: dict, *, on_site: Callable, on_end: Callable, on_sca
                 env[v] = x
         elif isinstance(node, LogProb):
             distribution = node.dist.build([read(env, a) for a in node.dist_inputs])
-            env[node.output] = distribution.log_prob(read(env, node.value))
+            env[node.output] = log_density(distribution, read(env, node.value))
         elif isinstance(node, Check):
             distribution = node.dist.build([read(env, a) for a in node.inputs])
             valid = env.get(VALID, True)

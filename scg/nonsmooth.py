@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scg import _jax
-from scg.interpreter import read
+from scg.interpreter import log_density, read
 from scg.ir import Cost, Equation, Graph, Literal, LogProb, Site, Var
 
 CUTOFF = 8.0        # |ε| beyond which the Gaussian mass is ignored (Φ(−8) ≈ 6e-16)
@@ -504,7 +504,7 @@ def kink_probe(graph: Graph, site: Site, kinks: tuple, plan: tuple) -> Callable[
                     env[v] = x
             else:
                 d = n.dist.build([read(env, a) for a in n.dist_inputs])
-                env[n.output] = d.log_prob(read(env, n.value))
+                env[n.output] = log_density(d, read(env, n.value))
         parts = []
         for k in kinks:
             n = graph.nodes[k.node]
