@@ -18,7 +18,7 @@ from scg import baselines, estimators, integrate
 from scg.errors import ModelError, check_key
 from scg.ir import Graph
 from scg.passes import _check_pass_result, resolve_passes
-from scg.trace import Model, _check_params
+from scg.trace import Model, _check_data, _check_params
 
 
 def _check_num_samples(num_samples: Any) -> int:
@@ -149,15 +149,9 @@ class Objective:
         """Entry checks of the public methods: one PRNG key, floating parameters, array-like data."""
         check_key(key, f"Objective.{method}")
         _check_params(self.source.name, params)
-        leaves, _ = jax.tree_util.tree_flatten_with_path(tuple(args))
-        for path, leaf in leaves:
-            array_like = hasattr(leaf, "dtype") and hasattr(leaf, "shape")
-            if not array_like and not isinstance(leaf, (bool, int, float, complex)):
-                name = (self.source._input_name(path) if isinstance(self.source, Model)
-                        else "args" + jax.tree_util.keystr(path))
-                raise TypeError(f"Objective.{method}: data argument {name} is {type(leaf).__name__} {leaf!r:.40}, "
-                                "not an array; pass arrays (or numbers) as the model's data arguments, and close "
-                                "over other settings in the model function")
+        input_name = (self.source._input_name if isinstance(self.source, Model)
+                      else lambda path: "args" + jax.tree_util.keystr(path))
+        _check_data(f"Objective.{method}", args, input_name)
 
     def _check_state(self, baseline_state: Any) -> None:
         if self.stateful and baseline_state is None:

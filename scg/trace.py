@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import os
+import re
 import threading
 import traceback
 from dataclasses import dataclass
@@ -24,7 +26,8 @@ import numpy as np
 import numpyro.distributions as dist
 
 from scg import _jax
-from scg.errors import ModelError
+from scg.errors import ModelError, ScgError
+from scg.interpreter import log_density
 from scg.ir import (Check, Cost, DistSpec, Equation, Graph, Literal, LogProb, Plate, Scan, Site, Var,
                     all_sites, eliminate_dead_code)
 
@@ -366,7 +369,7 @@ def log_prob(distribution: Any, value: Any) -> jax.Array:
     """
     stack = getattr(_local, "stack", None)
     if not stack:
-        return distribution.log_prob(value)
+        return log_density(distribution, value)
     source = _caller_source()
     _check_distribution("scg.log_prob", "<log_prob>", distribution)
     spec, leaves = _dist_spec(distribution)
@@ -443,15 +446,71 @@ def _check_params(model_name: str, params: Any) -> None:
                 "settings as later arguments or close over them.")
 
 
+def _check_data(where: str, args: tuple, input_name: Callable) -> None:
+    """Raises a ``TypeError`` naming the data argument unless every leaf of ``args`` is an array or a number.
+
+    The one check of the model's data arguments, shared by :meth:`Model.trace` and the
+    :class:`scg.Objective` methods. ``input_name(path)`` names a leaf (``x``, ``batch['y']``).
+    """
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tuple(args))
+    for path, leaf in leaves:
+        array_like = hasattr(leaf, "dtype") and hasattr(leaf, "shape")
+        # numpy arrays of strings, objects or datetimes have a dtype JAX cannot hold
+        not_numeric = array_like and isinstance(leaf.dtype, np.dtype) and leaf.dtype.kind in "OSUVMm"
+        if not_numeric or (not array_like and not isinstance(leaf, (bool, int, float, complex))):
+            index = getattr(path[0], "idx", None)
+            at = f" (position {index + 1} after params)" if index is not None else ""
+            kind = f"an array of dtype {leaf.dtype}" if not_numeric else f"{type(leaf).__name__} {leaf!r:.40}"
+            raise TypeError(f"{where}: data argument {input_name(path)}{at} is {kind}, not an array of numbers; "
+                            "pass arrays (or numbers) as the model's data arguments, and close over other "
+                            "settings in the model function")
+
+
+def _is_shape_error(text: str) -> bool:
+    text = text.lower()
+    return "broadcast" in text or "incompatible shapes" in text or "rank promotion" in text
+
+
+_COST_CALL = re.compile(r"\bcost\(\s*(['\"])([^'\"]+)\1")
+
+
 def _translate_trace_error(model_name: str, e: Exception) -> ModelError | None:
-    text = str(e)
-    if "broadcast" in text.lower() or "incompatible shapes" in text.lower():
-        frames = [(f.filename, f.lineno) for f in reversed(traceback.extract_tb(e.__traceback__))]
+    """A shape error JAX raised while running the model, as a ModelError naming the model code that failed.
+
+    Errors scg raised on purpose pass unchanged. A failure inside a numpyro distribution's constructor
+    is about that distribution's parameters; any other one is in the model's own JAX code, named by its
+    line (and by the cost, when the line declares one).
+    """
+    if isinstance(e, ScgError) or not _is_shape_error(str(e)):
+        return None
+    text = str(e).rstrip(".")
+    summary = traceback.extract_tb(e.__traceback__)
+    frames = [(f.filename, f.lineno) for f in reversed(summary)]
+    source = _jax.user_source_of_frames(frames)
+    family = None
+    tb = e.__traceback__
+    while tb is not None:  # the innermost numpyro distribution under construction, if any
+        code = tb.tb_frame.f_code
+        if code.co_name == "__init__" and f"{os.sep}numpyro{os.sep}distributions{os.sep}" in code.co_filename:
+            this = tb.tb_frame.f_locals.get("self")
+            if isinstance(this, dist.Distribution):
+                family = type(this).__name__
+        tb = tb.tb_next
+    if family is not None:
         return ModelError(
-            f"model {model_name!r}: distribution parameters do not broadcast: {text}. Give every "
-            "parameter of a distribution shapes that broadcast together (numpy rules)",
-            source=_jax.user_source_of_frames(frames))
-    return None
+            f"model {model_name!r}: distribution parameters do not broadcast ({family}): {text}. Give every "
+            "parameter of a distribution shapes that broadcast together (numpy rules)", source=source)
+    user_line = next((f.line for f in reversed(summary)
+                      if source and f"{os.path.basename(f.filename)}:{f.lineno}" == source), None)
+    match = _COST_CALL.search(user_line or "")
+    what = (f"the value of cost {match.group(2)!r} has operands whose shapes do not broadcast"
+            if match else "array shapes in the model's code do not broadcast")
+    line = f" (`{user_line.strip()}`)" if user_line else ""
+    ranks = ("; under jax_numpy_rank_promotion='raise' their ranks must match too: add the missing leading "
+             "axes with x[None] or jnp.expand_dims") if "rank_promotion" in text else ""
+    return ModelError(
+        f"model {model_name!r}: {what}{line}: JAX says: {text}. Give the arrays combined there shapes that "
+        f"broadcast together (numpy rules{ranks})", site=match.group(2) if match else None, source=source)
 
 
 class Model:
@@ -480,6 +539,7 @@ class Model:
     def trace(self, params: Any, *args: Any) -> Graph:
         """Traces one call into a Graph. Only shapes and dtypes of the arguments matter."""
         _check_params(self.name, params)
+        _check_data(f"model {self.name!r}", args, self._input_name)
         param_leaves, params_treedef = jax.tree_util.tree_flatten_with_path(params)
         input_leaves, inputs_treedef = jax.tree_util.tree_flatten_with_path(tuple(args))
         param_names = tuple("params" + jax.tree_util.keystr(p) for p, _ in param_leaves)
@@ -655,6 +715,23 @@ def _check_unique_names(graph: Graph) -> None:
         seen[site.name] = site.source or "?"
 
 
+def _check_has_cost(graph: Graph) -> None:
+    """A model declares at least one cost, at its top level or in a scan body (a scan body alone may have none)."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        if g.costs:
+            return
+        stack.extend(s.body for s in g.scans)
+    sites = [s.name for s in all_sites(graph)]
+    drawn = f" (it draws {', '.join(repr(n) for n in sites)})" if sites else ""
+    raise ModelError(
+        f"model {graph.name!r} declares no cost{drawn}: its loss would be 0 for every parameter, and every "
+        "gradient 0. A model needs at least one scg.cost: the arrays whose elements are summed into the loss "
+        "(a value the model function returns is ignored). Declare what to minimize, e.g. "
+        "scg.cost('nll', -scg.log_prob(dist.Normal(z, 1.0), x)) or scg.cost('fit', jnp.sum((z - x) ** 2))")
+
+
 def graph_from_jaxpr(name, closed, n_params, params_treedef, param_names, inputs_treedef, input_names) -> Graph:
     """Reads a closed jaxpr of a traced model into a Graph."""
     reader = _JaxprReader(name)
@@ -669,6 +746,7 @@ def graph_from_jaxpr(name, closed, n_params, params_treedef, param_names, inputs
         consts=tuple(reader.consts), nodes=tuple(reader.nodes))
     graph.validate()
     _check_unique_names(graph)
+    _check_has_cost(graph)
     # distribution constructors leave argument-validation computations nobody reads
     return eliminate_dead_code(graph)
 

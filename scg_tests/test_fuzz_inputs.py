@@ -137,8 +137,9 @@ def test_distribution_parameter_shapes(loc_shape, scale_shape):
     else:
         # the distribution is built in the user's code, before scg.sample sees a site: the message
         # names the model, the source line and the fix
-        message = refused(lambda: shaped.trace(P, X), "model 'shaped'")
-        assert "test_fuzz_inputs.py:" in message and ("broadcast" in message or "rank promotion" in message), message
+        message = refused(lambda: shaped.trace(P, X), "model 'shaped': distribution parameters do not broadcast "
+                                                      "(Normal)")
+        assert "test_fuzz_inputs.py:" in message, message
 
 
 @given(x_shape=shapes)
@@ -152,8 +153,80 @@ def test_data_shapes(x_shape):
     if x_shape in ((), (1,), (2,)):
         assert [c.name for c in m.trace(P, x).costs] == ["c"]
     else:
-        message = refused(lambda: m.trace(P, x), "model 'm'")
-        assert "test_fuzz_inputs.py:" in message, message
+        # the shapes meet in the cost's expression, not in a distribution: the message names the cost
+        message = refused(lambda: m.trace(P, x), "model 'm': the value of cost 'c' has operands whose shapes do not "
+                                                 "broadcast")
+        assert "test_fuzz_inputs.py:" in message and "distribution parameters" not in message, message
+
+
+# --- data arguments --------------------------------------------------------------------------------------
+
+data_values = st.one_of(
+    st.sampled_from(["abc", "", b"x", object(), np.array(["a"]), np.array([object()]), {"k": "v"}, [1.0, "b"]]),
+    st.sampled_from([jnp.ones(()), 1.0, 2, True, np.float32(1.0), np.ones(()), {"k": jnp.ones(())}, [1.0]]))
+
+
+def _bad_data(value) -> bool:
+    for leaf in jax.tree_util.tree_leaves(value):
+        if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+            if leaf.dtype.kind in "OSUVMm":
+                return True
+        elif not isinstance(leaf, (bool, int, float, complex)):
+            return True
+    return False
+
+
+@given(x=data_values, via=st.sampled_from(["trace", "loss"]))
+def test_data_arguments(x, via):
+    @scg.model
+    def m(p, x):
+        z = scg.sample("z", dist.Normal(p["mu"], 1.0))
+        scg.cost("c", sum(jnp.sum((z - jnp.asarray(v, jnp.float32)) ** 2) for v in jax.tree_util.tree_leaves(x)))
+
+    call = (lambda: m.trace(P, x)) if via == "trace" else (lambda: scg.compile(m).loss(P, x, key=jax.random.key(0)))
+    if _bad_data(x):
+        where = "model 'm'" if via == "trace" else "Objective.loss"
+        message = refused(call, f"{where}: data argument x")
+        assert "(position 1 after params)" in message and "not an array of numbers" in message, message
+    else:
+        result = call()
+        if via == "trace":
+            assert [c.name for c in result.costs] == ["c"]
+        else:
+            finite(result)
+
+
+# --- a model without costs ---------------------------------------------------------------------------------
+
+
+@given(where=st.lists(st.sampled_from(["top", "scan", "vmap", "jit"]), max_size=2, unique=True))
+def test_costs_anywhere_count_and_none_is_refused(where):
+    @scg.model
+    def m(p, xs):
+        z = scg.sample("z", dist.Normal(p["mu"], 1.0))
+        if "top" in where:
+            scg.cost("top", (z - xs[0]) ** 2)
+        if "jit" in where:
+            jax.jit(lambda v: scg.cost("jit", v ** 2))(z)
+        if "vmap" in where:
+            jax.vmap(lambda x: scg.cost("vmap", (z - x) ** 2))(xs)
+
+        def step(carry, x):
+            w = scg.sample("w", dist.Normal(carry, 1.0))
+            if "scan" in where:
+                scg.cost("scan", (w - x) ** 2)
+            return w, None
+
+        jax.lax.scan(step, z, xs)
+
+    xs = jnp.array([0.0, 1.0])
+    if where:
+        graph = m.trace(P, xs)
+        names = [c.name for c in graph.costs] + [c.name for s in graph.scans for c in s.body.costs]
+        assert sorted(names) == sorted(where)
+    else:
+        message = refused(lambda: m.trace(P, xs), "model 'm' declares no cost (it draws 'z', 'w')")
+        assert "a model needs at least one scg.cost" in message.lower(), message
 
 
 # --- key= ----------------------------------------------------------------------------------------------

@@ -282,3 +282,104 @@ def test_per_site_baseline_none_means_no_baseline():
     objective = scg.compile(coin, baseline={"b": None})
     grads = objective.grad({"w": jnp.array(0.0)}, X, key=jax.random.key(0), num_samples=2)
     assert np.isfinite(float(grads["w"]))
+
+
+# --- 8. data arguments, cost shapes, a model without costs (found by test_fuzz_inputs.py) -------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (("abc",), r"model 'normal_kl': data argument x \(position 1 after params\) is str 'abc', not an array of "
+               r"numbers; pass arrays \(or numbers\)"),
+    (({"k": [1.0, object()]},), r"data argument x\['k'\]\[1\] \(position 1 after params\) is object"),
+    ((np.array(["a", "b"]),), r"data argument x \(position 1 after params\) is an array of dtype <U1"),
+    ((X, "b"), r"data argument args\[1\] \(position 2 after params\) is str 'b'"),
+])
+def test_bad_data_arguments_are_named(args, message):
+    # before: model.trace(params, "abc") surfaced JAX's "Error interpreting argument to <function
+    # Model.trace.<locals>.flat ...> as an abstract array"; trace and Objective share one check
+    with pytest.raises(TypeError, match=message):
+        normal_kl.trace(P, *args)
+    with pytest.raises(TypeError, match=message.replace("model 'normal_kl'", "Objective.loss")):
+        scg.compile(normal_kl).loss(P, *args, key=jax.random.key(0))
+
+
+def test_a_cost_whose_shapes_do_not_broadcast_is_named():
+    # before: "distribution parameters do not broadcast", though no distribution was involved
+    @scg.model
+    def m(params, x):
+        z = scg.sample("z", dist.Normal(params["mu"] * jnp.ones(2), 1.0))
+        scg.cost("fit", jnp.sum((z - x) ** 2))
+
+    with pytest.raises(scg.ModelError, match=r"model 'm': the value of cost 'fit' has operands whose shapes do not "
+                       r"broadcast \(`scg.cost\(\"fit\", jnp.sum\(\(z - x\) \*\* 2\)\)`\): JAX says: sub got "
+                       r"incompatible shapes for broadcasting: \(2,\), \(3,\)\..*\(at test_inputs.py:\d+\)") as info:
+        m.trace(P, jnp.ones(3))
+    assert "distribution parameters" not in str(info.value) and info.value.site == "fit"
+    with pytest.raises(scg.ModelError, match=r"cost 'fit' has operands .*rank_promotion='raise'.*ranks must match"):
+        m.trace(P, jnp.ones((1, 2)))
+
+
+def test_a_shape_error_in_model_code_names_the_line_not_a_distribution():
+    @scg.model
+    def m(params, x):
+        z = scg.sample("z", dist.Normal(params["mu"], 1.0))
+        h = jnp.ones(3) * x
+        scg.cost("fit", jnp.sum(h * z))
+
+    with pytest.raises(scg.ModelError, match=r"model 'm': array shapes in the model's code do not broadcast "
+                       r"\(`h = jnp.ones\(3\) \* x`\): JAX says: mul got incompatible shapes") as info:
+        m.trace(P, jnp.ones(4))
+    assert "distribution parameters" not in str(info.value)
+
+
+def test_a_distribution_whose_parameters_do_not_broadcast_names_the_family():
+    @scg.model
+    def m(params, x):
+        z = scg.sample("z", dist.Normal(params["mu"] * jnp.zeros(3), jnp.ones(4)))
+        scg.cost("fit", jnp.sum(z))
+
+    with pytest.raises(scg.ModelError, match=r"model 'm': distribution parameters do not broadcast \(Normal\): "
+                       r"Incompatible shapes.*\(at test_inputs.py:\d+\)"):
+        m.trace(P, X)
+
+
+def test_a_model_without_costs_is_refused():
+    # before: it traced, and loss / grad / expectation returned 0 silently
+    @scg.model
+    def no_cost(params, x):
+        scg.sample("z", dist.Normal(params["mu"], 1.0))
+
+    message = (r"model 'no_cost' declares no cost \(it draws 'z'\): its loss would be 0 .* A model needs at least "
+               r"one scg.cost.*e.g. scg.cost\('nll', -scg.log_prob\(dist.Normal\(z, 1.0\), x\)\)")
+    with pytest.raises(scg.ModelError, match=message):
+        no_cost.trace(P, X)
+    with pytest.raises(scg.ModelError, match=message):
+        scg.compile(no_cost).loss(P, X, key=jax.random.key(0))
+    with pytest.raises(scg.ModelError, match=message):
+        scg.expectation(no_cost, P, X)
+
+
+def test_costs_only_in_a_scan_body_or_under_vmap_count():
+    @scg.model
+    def in_scan(params, xs):
+        def step(carry, x):
+            z = scg.sample("z", dist.Normal(carry, 1.0))
+            scg.cost("fit", (z - x) ** 2)
+            return z, None
+
+        jax.lax.scan(step, params["mu"], xs)
+
+    @scg.model
+    def under_vmap(params, xs):
+        def one(x):
+            z = scg.sample("z", dist.Normal(params["mu"], 1.0))
+            scg.cost("fit", (z - x) ** 2)
+
+        jax.vmap(one)(xs)
+
+    xs = jnp.array([0.0, 1.0, 2.0])
+    assert in_scan.trace(P, xs).scans and not in_scan.trace(P, xs).costs
+    np.testing.assert_allclose(scg.expectation(scg.unroll(in_scan.trace(P, xs)), P, xs),
+                               scg.expectation(in_scan, P, xs), rtol=1e-5)
+    assert [c.name for c in under_vmap.trace(P, xs).costs] == ["fit"]
+    assert np.isfinite(float(scg.compile(under_vmap).loss(P, xs, key=jax.random.key(0))))
