@@ -15,7 +15,10 @@ Requires
 A baseline is a :class:`Baseline`: ``init(downstream_shapes, *args) -> state``
 and ``apply(state, downstream, *args) -> (baselines, new_state)``, where
 ``downstream`` maps each score site to its ``Q_i`` of shape ``(K, *plates)``
-(``K`` particles) and ``baselines`` maps sites to arrays broadcastable to it.
+(``K`` particles), and each loop holding score sites to its reward-to-go
+``Q_t`` of shape ``(K, T)`` (one score per step), and ``baselines`` maps them
+to arrays broadcastable to it. ``downstream_shapes`` maps the same names to
+a :class:`ScoreShape`.
 Stateless baselines have ``state = None``; stateful ones return their state
 from ``Objective.value_and_grad(..., baseline_state=...)`` for the training
 step to carry.
@@ -36,6 +39,17 @@ class EmptyState(NamedTuple):
     A pytree with no leaves, so a training step can take and return a baseline
     state whatever the objective's baseline is.
     """
+
+
+class ScoreShape(NamedTuple):
+    """The shape of one score's downstream cost ``Q`` in a particle: example axes, then time axes.
+
+    ``plates``: the sizes of the plates a site lies in (examples change from batch
+    to batch); ``steps``: ``(T,)`` for a loop's per-step scores (step ``t`` is the
+    same step in every estimate), ``()`` for a site.
+    """
+    plates: tuple
+    steps: tuple
 
 
 class Baseline(NamedTuple):
@@ -77,11 +91,15 @@ def leave_one_out() -> Baseline:
     return Baseline(lambda shapes, *args: None, _leave_one_out_apply, False, "leave_one_out")
 
 
-def moving_average(decay: float = 0.9) -> Baseline:
+def moving_average(decay: float = 0.9, *, per_step: bool = True) -> Baseline:
     """``b_i = m_i`` with ``m_i ← decay·m_i + (1 − decay)·mean(Q_i)`` after each estimate.
 
     Unbiased: ``m_i`` is computed from earlier estimates only. The state is one
-    scalar per site (``0`` at the start), carried by the training step.
+    scalar per site (``0`` at the start), carried by the training step. For the
+    scores of a loop, with ``per_step=True``, one average per step index:
+    ``m_t ← decay·m_t + (1 − decay)·mean_k Q_t^{(k)}``, ``b_t = m_t`` (the
+    reward-to-go of step ``t`` has its own mean — early steps see more of the
+    episode); ``per_step=False`` keeps one scalar for the whole loop.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
@@ -100,14 +118,18 @@ def moving_average(decay: float = 0.9) -> Baseline:
         raise ValueError(f"moving_average: decay must be in [0, 1), got {decay}")
 
     def init(shapes, *args):
-        return {name: jnp.zeros(()) for name in shapes}
+        return {name: jnp.zeros(tuple(getattr(shape, "steps", ())) if per_step else ())
+                for name, shape in shapes.items()}
 
     def apply(state, downstream, *args):
         baselines = {name: state[name] for name in downstream}
-        new = {name: decay * state[name] + (1 - decay) * jnp.mean(q) for name, q in downstream.items()}
+        # average over particles and examples; a per-step state keeps the trailing time axis
+        mean = lambda q, m: jnp.mean(q, axis=tuple(range(jnp.ndim(q) - jnp.ndim(m))))
+        new = {name: decay * state[name] + (1 - decay) * mean(q, state[name]) for name, q in downstream.items()}
         return baselines, new
 
-    return Baseline(init, apply, True, f"moving_average({decay})")
+    return Baseline(init, apply, True, f"moving_average({decay})" if per_step
+                    else f"moving_average({decay}, per_step=False)")
 
 
 def learned(apply_fn: Callable, init_params: Any, optimizer: optax.GradientTransformation | None = None, *,

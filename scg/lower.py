@@ -141,8 +141,9 @@ class Objective:
         if not self.stateful:
             return baselines.EmptyState()
         graph = self.graph_for(params, *args)
-        shapes = {s.name: tuple(p.size for p in s.plates) for s in estimators.score_sites(graph)}
-        shapes.update({loop.name: (loop.length,) for loop in graph.scans})  # one score per step
+        shapes = {s.name: baselines.ScoreShape(tuple(p.size for p in s.plates), ())
+                  for s in estimators.score_sites(graph)}
+        shapes.update({loop.name: baselines.ScoreShape((), (loop.length,)) for loop in graph.scans})  # per step
         return self.baseline.init(shapes, *args)
 
     def _check_call(self, method: str, params: Any, args: tuple, key: Any) -> None:
