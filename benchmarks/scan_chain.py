@@ -423,9 +423,14 @@ def worker_steady(chain: str, T: int, rounds: int, block_s: float) -> dict:
     objective = build(chain, SCG_DEFAULT[chain]).objective
     fns[SCG_DEFAULT[chain] + "_call"] = lambda p, x_, k: objective.value_and_grad(p, x_, key=k)
     key = jax.random.key(2)
-    estimate = {}
-    for s, fn in fns.items():
-        jax.block_until_ready(fn(params, x, key))  # compile
+    estimate, failed = {}, {}
+    for s, fn in list(fns.items()):
+        try:
+            jax.block_until_ready(fn(params, x, key))  # compile
+        except Exception as err:  # one system failing (e.g. NumPyro on a newer JAX) must not lose the others
+            failed[s] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+            del fns[s]
+            continue
         times = []
         for i in range(5):
             t0 = time.perf_counter()
@@ -449,7 +454,7 @@ def worker_steady(chain: str, T: int, rounds: int, block_s: float) -> dict:
             per_round[s].append(1000.0 * statistics.median(times))
             losses[s].append(acc / len(keys))
     return {"ms_per_round": per_round, "calls_per_round": calls,
-            "mean_loss": {s: statistics.fmean(v) for s, v in losses.items()}}
+            "mean_loss": {s: statistics.fmean(v) for s, v in losses.items()}, "failed": failed}
 
 
 def unrolled_model(N: int):
@@ -1036,7 +1041,8 @@ def main(argv: list[str] | None = None) -> None:
                     log(f"  steady {chain} T={T}: FAILED {res['error'].splitlines()[-1]}")
                 else:
                     log(f"  steady {chain} T={T}: " + ", ".join(f"{s} {statistics.median(v):.3g} ms" for s, v in
-                                                                 res["ms_per_round"].items()))
+                                                                 res["ms_per_round"].items())
+                        + "".join(f"; {s} FAILED {why}" for s, why in res.get("failed", {}).items()))
     if "unrolled" in parts:
         raw["unrolled"] = []
         for N in Ns:
