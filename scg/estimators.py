@@ -36,6 +36,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from jax import lax
 
 from scg import integrate
@@ -139,8 +140,53 @@ def _draw_key(key: jax.Array, site: Site, steps: tuple) -> jax.Array:
     return k
 
 
+# --- a loop's noise, drawn before it runs ---------------------------------------------------------
+# Families whose draw splits into noise that depends on the key alone and a transform of the
+# parameters: ``(noise(key, shape, dtype), transform(distribution, noise))``. A loop draws every step's
+# noise before it runs, in one vectorized draw, and its body applies the transform; drawing inside the
+# body is one serial random-bits computation per step and site, the bottleneck of a long loop on a CPU.
+# Each pair reproduces the family's own ``sample(key)`` draw for draw (scg_tests/test_scan_noise.py
+# pins it), so drawing before the loop changes where the bits are made, never a value.
+class NoiseDraw(NamedTuple):
+    draw: Callable       # (key, shape, dtype) -> the step's noise
+    dtype: Callable      # distribution -> the dtype of the noise its own sample(key) draws
+    transform: Callable  # (distribution, noise) -> the site's value
+
+
+def _bernoulli_from_uniform(distribution: Any, u: jax.Array) -> jax.Array:
+    below = u < distribution.probs  # jax.random.bernoulli(key, p) is uniform(key, shape, p.dtype) < p
+    return below.astype(jnp.result_type(below, int))
+
+
+_BERNOULLI = NoiseDraw(jax.random.uniform, lambda d: jnp.result_type(d.probs), _bernoulli_from_uniform)
+NOISE_BEFORE_LOOPS = {
+    dist.BernoulliProbs: _BERNOULLI,
+    dist.BernoulliLogits: _BERNOULLI,
+    # numpyro's Normal draws standard normals of the default float dtype, whatever loc's dtype
+    dist.Normal: NoiseDraw(jax.random.normal, lambda d: jnp.result_type(float), lambda d, eps: d.loc + eps * d.scale),
+}
+
+
+def _noise_spec(site: Site) -> tuple | None:
+    """``(shape, dtype)`` of a body site's noise if its family draws from noise, else None."""
+    if site.enumerated or site.dist.family not in NOISE_BEFORE_LOOPS:
+        return None
+    return tuple(site.output.shape), jnp.result_type(float)  # the default float: what parameters have
+
+
+def _from_noise(distribution: Any, noise: jax.Array) -> jax.Array | None:
+    """The site's value from its step's noise; None where the distribution's own draw would use other
+    noise (of another dtype or shape), so that the body draws with the key as usual."""
+    rule = NOISE_BEFORE_LOOPS.get(type(distribution))
+    if rule is None or noise.dtype != rule.dtype(distribution) or noise.shape != tuple(
+            distribution.batch_shape + distribution.event_shape):
+        return None
+    return rule.transform(distribution, noise)
+
+
 def _walk_estimate(graph: Graph, env: dict, key: jax.Array, *, steps: tuple, order: int, checked: bool,
-                   finish: Callable, every_sampled: bool = False, drawn_keys: dict | None = None) -> Any:
+                   finish: Callable, every_sampled: bool = False, drawn_keys: dict | None = None,
+                   drawn_noise: dict | None = None) -> Any:
     """One walk that samples every site, integrates enumerated ones, runs loops, then calls ``finish``.
 
     ``finish(env, scored, exponent_of)``: ``exponent_of(node, plates)`` is the sum
@@ -154,13 +200,17 @@ def _walk_estimate(graph: Graph, env: dict, key: jax.Array, *, steps: tuple, ord
     def on_site(site: Site, distribution: Any, env: dict, continue_with: Callable):
         if site.enumerated:
             return integrate.integrate_site(site, distribution, continue_with, order)
-        # a loop hands its body each site's key of the step, derived before the loop in one vmap
+        # a loop hands its body each site's key of the step, derived before the loop in one vmap, and
+        # the step's noise of the families that draw from noise, drawn before the loop
         k = drawn_keys[site.name] if drawn_keys is not None else _draw_key(key, site, steps)
-        if site.reparameterized:
-            value = distribution.rsample(k)
-        else:
+        value = None
+        if drawn_noise is not None and site.name in drawn_noise:
+            value = _from_noise(distribution, drawn_noise[site.name])
+        if value is None:
+            value = distribution.rsample(k) if site.reparameterized else distribution.sample(k)
+        if not site.reparameterized:
             # a score-function site must not leak a pathwise gradient through its value
-            value = lax.stop_gradient(distribution.sample(k))
+            value = lax.stop_gradient(value)
         extra = {}
         if site.name in scored:
             log_p = log_density(distribution, value)
@@ -291,7 +341,7 @@ def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order
 
     def step(carry_aug, step_inputs):
         carry, carried_logp = carry_aug
-        t, xs_t, keys_t = step_inputs
+        t, xs_t, keys_t, noise_t = step_inputs
         env = initial_env(body, [], [*consts, *carry, *xs_t])
 
         def finish(env, scored, exponent_of):
@@ -313,7 +363,7 @@ def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order
 
         results, surrogate, loss, step_logp, new_logp, own, later = _walk_estimate(
             body, env, key, steps=(*steps, t), order=order, checked=checked, finish=finish, every_sampled=True,
-            drawn_keys=keys_t)
+            drawn_keys=keys_t, drawn_noise=noise_t)
         return (results[:c], new_logp), (results[c:], surrogate, loss, step_logp, own, later)
 
     zero = jnp.zeros(())
@@ -322,8 +372,14 @@ def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order
     steps_t = jnp.arange(node.length)
     keys = {s.name: jax.vmap(lambda t, s=s: _draw_key(key, s, (*steps, t)))(steps_t)
             for s in body.sites if not s.enumerated}
+    noise = {}
+    for s in body.sites:
+        spec = _noise_spec(s)
+        if spec is not None:
+            draw = NOISE_BEFORE_LOOPS[s.dist.family].draw
+            noise[s.name] = jax.vmap(lambda k, draw=draw, spec=spec: draw(k, *spec))(keys[s.name])
     (final, _), (ys, surrogates, losses, log_densities, own, later) = lax.scan(
-        step, (list(init), zero), (steps_t, list(xs), keys), length=node.length, reverse=node.reverse)
+        step, (list(init), zero), (steps_t, list(xs), keys, noise), length=node.length, reverse=node.reverse)
     downstream = own
     if feeds_carry:  # + the carry-reading costs of the steps that run after step t
         after = jnp.cumsum(later[::-1])[::-1] - later if not node.reverse else jnp.cumsum(later) - later
