@@ -163,7 +163,8 @@ NOISE_BEFORE_LOOPS = {
     dist.BernoulliProbs: _BERNOULLI,
     dist.BernoulliLogits: _BERNOULLI,
     # numpyro's Normal draws standard normals of the default float dtype, whatever loc's dtype
-    dist.Normal: NoiseDraw(jax.random.normal, lambda d: jnp.result_type(float), lambda d, eps: d.loc + eps * d.scale),
+    dist.Normal: NoiseDraw(jax.random.normal, lambda d: jnp.result_type(float),
+                           lambda d, eps: d.loc + eps * d.scale),
 }
 
 
