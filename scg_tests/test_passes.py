@@ -141,6 +141,8 @@ KL_PAIRS = {
     "normal": (lambda p: dist.Normal(p["m"] * jnp.ones(2), jnp.exp(p["s"])), lambda p: dist.Normal(0.3, 1.5)),
     "bernoulli": (lambda p: dist.Bernoulli(logits=p["m"] * jnp.array([1.0, -2.0])),
                   lambda p: dist.Bernoulli(probs=jnp.array([0.3, 0.6]))),
+    "bernoulli_logits": (lambda p: dist.Bernoulli(logits=p["m"] * jnp.array([1.0, -2.0])),
+                         lambda p: dist.Bernoulli(logits=jnp.array([-0.4, 1.3]))),
     "categorical": (lambda p: dist.Categorical(logits=jnp.array([p["m"], p["s"], 0.2])),
                     lambda p: dist.Categorical(probs=jnp.array([0.2, 0.5, 0.3]))),
     "independent_normal": (lambda p: dist.Normal(p["m"] * jnp.ones(2), jnp.exp(p["s"])).to_event(1),

@@ -48,6 +48,16 @@ def kl_bernoulli(q, p) -> jax.Array:
     return _weighted_log_ratio(q1, p1) + _weighted_log_ratio(q0, p0)
 
 
+def kl_bernoulli_logits(q, p) -> jax.Array:
+    """``σ(ℓ_q)·(ℓ_q − ℓ_p) + softplus(ℓ_p) − softplus(ℓ_q)``: the sum above written in logits.
+
+    Equal to :func:`kl_bernoulli` for finite logits (the only valid ones), without its
+    ``exp``/``where``: inside a loop, XLA:CPU ran ``value_and_grad`` of that form 7–25×
+    slower than ``grad`` alone (measured on the Bernoulli chain of benchmarks/scan_chain.py).
+    """
+    return jax.nn.sigmoid(q.logits) * (q.logits - p.logits) + jax.nn.softplus(p.logits) - jax.nn.softplus(q.logits)
+
+
 def kl_categorical(q, p) -> jax.Array:
     return jnp.sum(_weighted_log_ratio(_categorical_log_probs(q), _categorical_log_probs(p)), axis=-1)
 
@@ -61,4 +71,5 @@ def _has_rule(a: type, b: type) -> bool:
 for family, rule in ((_BERNOULLI, kl_bernoulli), (_CATEGORICAL, kl_categorical)):
     for a, b in itertools.product(family, repeat=2):
         if not _has_rule(a, b):
-            kl_divergence.register(a, b)(rule)  # numpyro's registry is a multipledispatch Dispatcher
+            pair_rule = kl_bernoulli_logits if (a, b) == (dist.BernoulliLogits, dist.BernoulliLogits) else rule
+            kl_divergence.register(a, b)(pair_rule)  # numpyro's registry is a multipledispatch Dispatcher
