@@ -73,7 +73,8 @@ def compiled_steps(batch: int, hidden: int, latent: int = 30) -> dict:
     out["jax"] = step.lower(params, opt, key, 0, x).compile()
     objective, step, optimizer = _aevb.scg_step("auto")
     params = _aevb.scg_params(weights)
-    out["scg"] = step.lower(params, optimizer.init(params), key, 0, x).compile()
+    no_state = objective.init_baseline_state(params, x)  # EmptyState(): `auto` leaves no score-function site
+    out["scg"] = step.lower(params, optimizer.init(params), no_state, key, 0, x).compile()
     return out
 
 
