@@ -98,9 +98,16 @@ class _BinomialLogits(dist.BinomialLogits):
         return log_choose + value * self.logits - n * jax.nn.softplus(self.logits)
 
 
-_EXACT_SLOPES = {dist.BernoulliLogits: lambda d: _BernoulliLogits(d.logits, validate_args=d._validate_args),
+def _validates(d: Any) -> bool:
+    # a distribution rebuilt from its leaves (tree_unflatten) has _validate_args None: numpyro's
+    # log_prob then does not validate, while __init__(validate_args=None) would take numpyro's
+    # global default (on since 0.22) and score fractional Bernoulli values −∞
+    return bool(getattr(d, "_validate_args", False))
+
+
+_EXACT_SLOPES = {dist.BernoulliLogits: lambda d: _BernoulliLogits(d.logits, validate_args=_validates(d)),
                  dist.BinomialLogits: lambda d: _BinomialLogits(d.logits, d.total_count,
-                                                                validate_args=d._validate_args)}
+                                                                validate_args=_validates(d))}
 
 
 def log_density(distribution: Any, value: Any) -> jax.Array:
