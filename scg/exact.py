@@ -55,9 +55,13 @@ def expectation(model_or_graph: Any, params: Any, *args: Any, order: int = integ
     Integrates discrete sites with finite support by enumerating their joint
     support and Normal sites by tensor-product Gauss–Hermite quadrature of
     ``order`` points per coordinate (exact for polynomial costs of degree
-    ``< 2·order``, accurate to float32 for smooth costs). Raises
+    ``< 2·order``, accurate to float32 for smooth costs). A discrete site's
+    joint support is the product of its elements' (``Independent``, ``expand``,
+    a Binomial whose ``total_count`` differs between elements); bounds set by
+    operands (``total_count``) must be constants of the model. Raises
     ``BudgetError`` when the joint grid has more than ``budget`` points and
-    ``IntractableError`` for a site of another family.
+    ``IntractableError`` for a site of another family, a support bound computed
+    from the parameters or data, or a masked discrete site, naming the site.
 
     **Kinks and jumps.** Where a cost depends on a Normal site's value through a
     non-smooth primitive (``relu``/``max``, ``abs``, ``clip``, ``sort``,

@@ -8,8 +8,12 @@ where ``rest`` is the continuation (the rest of the graph as a function of the
 site's value), evaluated for every point ``z_j`` at once with ``jax.vmap``.
 
 * Discrete sites with ``enumerate_support``: the points are the joint support of
-  the site's elements (``m ** n`` points for ``n`` elements of support ``m``)
-  and ``w_j = p(z_j)``, differentiable in the distribution's parameters.
+  the site's elements (``m ** n`` points for ``n`` elements of support ``m``; the
+  product of each element's own support, so also under ``Independent`` and for a
+  Binomial whose ``total_count`` differs between elements) and ``w_j = p(z_j)``,
+  differentiable in the distribution's parameters. A support whose bounds are
+  operands (Binomial's ``total_count``) is sized from their values, which must be
+  constants of the graph; one computed from parameters or data is refused.
 * Normal sites (also under ``Independent`` / ``expand``): tensor-product
   Gauss–Hermite, ``z_j = μ + √2 σ x_j``, ``w_j = Π_e ω_{j_e} / √π``. Exact for
   polynomial integrands of degree ``< 2·order`` in each coordinate; the points
@@ -47,17 +51,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+from numpyro.distributions import constraints
 
 from scg import forward, nonsmooth
 from scg.errors import BudgetError, IntractableError
 from scg.interpreter import initial_env, log_density, read, validity_factor, walk
-from scg.ir import Graph, Site, Var
+from scg.ir import Graph, Literal, Site, Var
 from scg.plates import align, per_example
 from scg.unroll import unroll
 
@@ -83,21 +88,116 @@ def _flat_index_grid(n_elements: int, per_element: int) -> np.ndarray:
     return np.indices((per_element,) * n_elements, dtype=np.int32).reshape(n_elements, -1).T
 
 
+_WRAPPERS = (dist.Independent, dist.ExpandedDistribution)
+_INTERVAL = type(constraints.integer_interval(0, 1))
+
+
+def _innermost(d: Any) -> Any:
+    """``d`` without the wrappers that only reshape its elements (``Independent``, ``expand``)."""
+    while isinstance(d, _WRAPPERS):
+        d = d.base_dist
+    if isinstance(d, dist.MaskedDistribution):
+        # its density leaves the masked elements out (log p = 0 for both values of a Bernoulli): summed over
+        # the grid they would count each value with weight 1, a wrong number, so they are refused
+        raise IntractableError("it is masked (.mask(...)): the masked elements have no density to weight the "
+                               "grid with (log p = 0 for every value), so the sum over its support is not an "
+                               "expectation; drop the mask and multiply the costs by the mask instead", site="")
+    return d
+
+
+class _TracedBounds(Exception):
+    """The bounds of a discrete support are traced values (computed from parameters or data)."""
+
+    def __init__(self, family: str, bounds: tuple):
+        super().__init__(f"the bounds of the support of {family} are traced values, not constants of the model")
+        self.family, self.bounds = family, bounds
+
+
+class _UnevenBounds(IntractableError):
+    """The bounds of a discrete support differ between the examples of the site's plates."""
+
+
+class _Elements(NamedTuple):
+    """The supports of a discrete site's scalar elements beyond its plates (every example has the same).
+
+    Element ``e`` takes ``lower[e], …, lower[e] + sizes[e] − 1`` (integer intervals: Binomial,
+    Categorical, DiscreteUniform), or else each of ``shared`` (Bernoulli's ``0, 1``).
+    """
+
+    sizes: np.ndarray
+    lower: np.ndarray | None
+    shared: Any
+
+
+def _elements(d: Any, shape: tuple, n_parallel: int) -> _Elements:
+    """The joint support of ``d``'s elements is the product of theirs: each element's support.
+
+    numpyro's ``Independent`` has no ``enumerate_support`` and Binomial's refuses a ``total_count``
+    that differs between elements; both are products of scalar supports, enumerated here. Raises
+    ``_TracedBounds`` when an interval's bounds are not concrete, IntractableError otherwise.
+    """
+    base = _innermost(d)
+    family = type(base).__name__
+    if base.event_shape:
+        raise IntractableError(f"{family} has event shape {tuple(base.event_shape)}; scg enumerates discrete "
+                               "families whose elements are scalars", site="")
+    support = base.support
+    if isinstance(support, _INTERVAL):
+        bounds = (support.lower_bound, support.upper_bound)
+        if any(isinstance(b, jax.core.Tracer) for b in bounds):
+            raise _TracedBounds(family, bounds)
+        concrete = [np.asarray(b) for b in bounds]
+        if not all(np.all(np.isfinite(b)) and np.all(b == np.round(b)) for b in concrete):
+            raise IntractableError(f"the bounds of the support of {family} are not all whole numbers "
+                                   f"(lower {concrete[0]!r}, upper {concrete[1]!r})", site="")
+        head = (0,) * n_parallel
+        lower, upper = (np.broadcast_to(b.astype(np.int64), shape) for b in concrete)
+        if not (np.array_equal(lower, np.broadcast_to(lower[head], shape))
+                and np.array_equal(upper, np.broadcast_to(upper[head], shape))):
+            raise _UnevenBounds(f"the bounds of the support of {family} differ between the examples of its "
+                                "plates, so the examples cannot share one grid", site="")
+        sizes = upper[head] - lower[head] + 1
+        if np.any(sizes < 1):
+            raise IntractableError(f"the support of {family} is empty for some element (upper bound below the "
+                                   "lower)", site="")
+        return _Elements(sizes, lower[head], None)
+    try:
+        values = jnp.reshape(base.enumerate_support(expand=False), (-1,))
+    except (NotImplementedError, jax.errors.ConcretizationTypeError) as e:
+        raise IntractableError(f"numpyro cannot enumerate the support of {family} ({type(e).__name__}: {e})",
+                               site="") from None
+    return _Elements(np.full(tuple(shape[n_parallel:]), values.shape[0], dtype=np.int64), None, values)
+
+
+def _grid_size(el: _Elements) -> int:
+    if el.shared is not None:
+        return int(el.shared.shape[0]) ** int(el.sizes.size)
+    return math.prod(int(k) for k in el.sizes.ravel())
+
+
+def _joint_indices(sizes: tuple) -> np.ndarray:
+    """Every index tuple of a mixed-radix grid, shape ``(Π sizes, len(sizes))``, the last index fastest."""
+    if not sizes:
+        return np.zeros((1, 0), dtype=np.int32)
+    return np.indices(sizes, dtype=np.int32).reshape(len(sizes), -1).T
+
+
 def support_points(d: Any, shape: tuple, dtype: Any, order: int, n_parallel: int = 0) -> tuple[jax.Array, jax.Array]:
     """The points ``(M, *shape)`` and log-weights ``(M, *shape[:n_parallel])`` that integrate ``d`` exactly.
 
     The leading ``n_parallel`` dimensions (plates) are enumerated in parallel:
     every example gets the same combination of values in point ``j``.
     """
-    parallel = tuple(shape[:n_parallel])
     if d.has_enumerate_support:
-        batch_shape, event_shape = tuple(d.batch_shape), tuple(d.event_shape)
-        support = d.enumerate_support(expand=False)
-        per_element = support.shape[0]
-        values = support.reshape((per_element,) + event_shape)
-        inner_batch = batch_shape[n_parallel:]
-        idx = _flat_index_grid(int(np.prod(inner_batch, dtype=np.int64)), per_element)
-        inner = values[idx].reshape((idx.shape[0],) + inner_batch + event_shape).astype(dtype)
+        try:
+            el = _elements(d, tuple(shape), n_parallel)
+        except _TracedBounds as e:
+            raise IntractableError(f"{e}; make them constants of the model (a Python number or an array the "
+                                   "model closes over)", site="") from None
+        inner_shape = tuple(shape[n_parallel:])
+        idx = _joint_indices(tuple(int(k) for k in el.sizes.ravel()))
+        values = el.shared[idx] if el.shared is not None else el.lower.reshape(1, -1).astype(np.int32) + idx
+        inner = jnp.asarray(values).reshape((idx.shape[0],) + inner_shape).astype(dtype)
         points = jnp.broadcast_to(inner[(slice(None),) + (None,) * n_parallel], (idx.shape[0],) + tuple(shape))
         log_p = jax.vmap(lambda z: log_density(d, z))(points)
         log_w = jnp.sum(log_p, axis=tuple(range(1 + n_parallel, log_p.ndim)))
@@ -137,13 +237,53 @@ def _site_is_normal(site: Site) -> bool:
     return False
 
 
-def site_grid_size(site: Site, order: int, n_parallel: int = 0) -> int:
-    """How many points :func:`support_points` uses for ``site`` (from shapes alone)."""
+def site_elements(site: Site, graph: Graph | None = None, n_parallel: int = 0, what: str = "scg.expectation"):
+    """The supports of an enumerable site's elements, from the operands' shapes and the graph's constants.
+
+    A support whose bounds are operands (Binomial's ``total_count``, DiscreteUniform's ``low`` and
+    ``high``) is sized from their values, which must be constants of ``graph`` (Literals or
+    closed-over arrays). Raises IntractableError naming the site and the operand otherwise.
+    """
+    fixed = {i: graph.constant(a) if graph is not None else (a.value if isinstance(a, Literal) else None)
+             for i, a in enumerate(site.inputs)}
+    free = [i for i, v in fixed.items() if v is None]
+    found: list = []
+
+    def sized(traced: list) -> int:
+        leaves = [fixed[i] for i in range(len(site.inputs))]
+        for i, t in zip(free, traced):
+            leaves[i] = t
+        try:
+            found.append(_elements(site.dist.build(leaves), tuple(site.output.shape), n_parallel))
+        except _TracedBounds as e:
+            names = [site.dist.leaf_names[i] for i in free if any(leaves[i] is b for b in e.bounds)]
+            found.append(names or ["its bounds"])
+        return 0
+
+    where = f"{what}: " if what else ""
+    try:
+        jax.eval_shape(sized, [jax.ShapeDtypeStruct(site.inputs[i].shape, site.inputs[i].dtype) for i in free])
+    except IntractableError as e:
+        raise type(e)(f"{where}site {site.name!r} ({site.dist.name}) cannot be enumerated: {e}. Exact "
+                      "expectations enumerate discrete sites whose elements have finite supports known when the "
+                      "model is traced", site=site.name) from None
+    if isinstance(found[0], list):
+        operands = ", ".join(found[0])
+        raise IntractableError(
+            f"{where}site {site.name!r} ({site.dist.name}) cannot be enumerated: its support is set by "
+            f"{operands}, which the model computes from its parameters or data, so the support's size is not "
+            "known when the model is traced (a traced value cannot size the grid). Make "
+            f"{operands} a constant of the model: a Python number, or an array the model closes over (e.g. "
+            "dist.Binomial(10, logits=...)), not one computed from params or passed as data",
+            site=site.name)
+    return found[0]
+
+
+def site_grid_size(site: Site, order: int, n_parallel: int = 0, graph: Graph | None = None,
+                   what: str = "scg.expectation") -> int:
+    """How many points :func:`support_points` uses for ``site`` (from shapes and ``graph``'s constants)."""
     if site.enumerable:
-        shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in site.inputs]
-        support = jax.eval_shape(lambda ls: site.dist.build(ls).enumerate_support(expand=False), shapes)
-        batch = jax.eval_shape(lambda ls: jnp.zeros(site.dist.build(ls).batch_shape), shapes).shape
-        return support.shape[0] ** int(np.prod(batch[n_parallel:], dtype=np.int64))
+        return _grid_size(site_elements(site, graph, n_parallel, what))
     return order ** int(np.prod(site.output.shape[n_parallel:], dtype=np.int64))
 
 
@@ -159,6 +299,13 @@ def parallel_plates(graph: Graph, site: Site) -> int:
     downstream_sites = [s for s in graph.sites if s is not site and site.name in graph.stochastic_ancestors(s)]
     downstream_costs = [c for c in graph.costs if c.name in graph.downstream_costs[site.name]]
     inside = all(names <= {p.name for p in n.plates} for n in (*downstream_sites, *downstream_costs))
+    if inside and site.enumerable:
+        try:
+            site_elements(site, graph, len(site.plates))
+        except _UnevenBounds:
+            return 0  # the examples' supports differ (Binomial counts per example): one joint grid instead
+        except IntractableError:
+            pass  # refused where the site is sized, with its reason
     return len(site.plates) if inside else 0
 
 
@@ -183,7 +330,8 @@ def check_budget(graph: Graph, sites: list[Site], order: int, budget: int, what:
     total = 1
     check_families(sites, what)
     for s in sites:
-        sizes[s.name] = size_of(s) if size_of else site_grid_size(s, order, parallel_plates(graph, s) if per_example else 0)
+        sizes[s.name] = size_of(s) if size_of else site_grid_size(
+            s, order, parallel_plates(graph, s) if per_example else 0, graph, what)
         total *= sizes[s.name]
         if total > budget:
             break
@@ -200,10 +348,9 @@ def check_budget(graph: Graph, sites: list[Site], order: int, budget: int, what:
 def _points_or_refuse(site: Site, distribution: Any, order: int, n_parallel: int):
     try:
         return support_points(distribution, site.output.shape, site.output.dtype, order, n_parallel)
-    except IntractableError:
-        raise IntractableError(
-            f"site {site.name!r} ({site.dist.name}) cannot be integrated exactly: it is neither discrete "
-            "with a finite support nor Normal", site=site.name) from None
+    except IntractableError as e:
+        raise IntractableError(f"site {site.name!r} ({site.dist.name}) cannot be integrated exactly: {e}",
+                               site=site.name) from None
 
 
 def integrate_site(site: Site, distribution: Any, continue_with: Callable, order: int = DEFAULT_ORDER) -> Any:
@@ -300,7 +447,7 @@ class Prepared:
 
     def size(self, site: Site, level: int) -> int:
         if site.enumerable:
-            return site_grid_size(site, self.order, self.n_parallel[site.name])
+            return site_grid_size(site, self.order, self.n_parallel[site.name], self.graph)
         rule = self.rule(site, level)
         if rule[0] == "piecewise":
             n = int(np.prod(site.output.shape[self.n_parallel[site.name]:], dtype=np.int64))
@@ -327,7 +474,7 @@ def prepare(graph: Graph, order: int, budget: int, what: str = "scg.expectation"
             _, _, panels, points = LEVELS[1 if refined else 0]
             return nonsmooth.piecewise_grid_size(n, slots, panels, points)
         o = 2 * order if refined and site.name in normal else order
-        return site_grid_size(site, o, n_parallel[site.name])
+        return site_grid_size(site, o, n_parallel[site.name], graph, what)
 
     analysis = nonsmooth.analyze(graph, normal, size_of=size_of, budget=budget)
     slots = {name: sum(k.slots for k in ks) for name, ks in analysis.resolved.items()}

@@ -309,6 +309,17 @@ class Graph:
         raise KeyError(f"graph {self.name!r} has no site {name!r}; its sites are: {known}")
 
     @functools.cached_property
+    def constant_values(self) -> dict:
+        """Maps each constant Var (an array closed over by the model) to its value."""
+        return dict(self.consts)
+
+    def constant(self, atom: Any) -> Any:
+        """The value of ``atom`` when it is a constant of the graph (a Literal or a closed-over array), else None."""
+        if isinstance(atom, Literal):
+            return atom.value
+        return self.constant_values.get(atom)
+
+    @functools.cached_property
     def producers(self) -> dict:
         """Maps each Var to the index of the node that defines it (absent for params/inputs/consts)."""
         return {v: i for i, n in enumerate(self.nodes) for v in n.outputs}

@@ -100,11 +100,14 @@ def init_params(
 ) -> dict:
     """Small random weights and biases; the likelihood's bias at the data's log-odds.
 
-    Biases start at small random values, not at 0: numpyro's
-    ``BernoulliLogits.log_prob`` differentiates ``max(ℓ, 0)`` with slope 0 at
-    ``ℓ = 0`` exactly, so its gradient in the logits is ``x`` instead of
-    ``x − 1/2`` there (``jax.grad(lambda l: Bernoulli(logits=l).log_prob(1.))(0.)``
-    is ``1.0``, not ``0.5``).
+    Biases start at small random values, not at 0. That once avoided a wrong
+    slope: numpyro's ``BernoulliLogits.log_prob`` has gradient ``x`` instead of
+    ``x − 1/2`` at a logit of exactly 0 (JAX differentiates its softplus,
+    written ``max(ℓ, 0) + log1p(exp(−|ℓ|))``, with slope 0 there, not 1/2).
+    scg no longer depends on it: every site and every ``scg.log_prob`` is scored
+    with :func:`scg.interpreter.log_density`, whose slope is ``x − σ(ℓ)`` at
+    every logit, 0 included. The random start stays because saved checkpoints
+    and pinned test values were made with it.
 
     Args:
       key: a JAX PRNG key; the same key gives the same parameters.

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from scg import integrate
-from scg.errors import BudgetError
+from scg.errors import BudgetError, IntractableError
 from scg.ir import Graph, Site
 from scg.passes._common import Checks, candidate_sites
 from scg.passes.certificate import Certificate, Precondition
@@ -69,13 +69,20 @@ def enumerate(graph: Graph, sites: Iterable[str] | None = None, *, budget: int =
                          + (" and already drawn pathwise by reparameterize" if site.reparameterized else ""))
             continue
         checks = Checks(NAME, site.name, strict)
-        checks.check("finite support", site.enumerable and not site.reparameterized,
-                     f"{site.dist.name} has no enumerate_support" if not site.enumerable else
+        sized = ""
+        if site.enumerable and not site.reparameterized:
+            try:
+                integrate.site_grid_size(site, integrate.DEFAULT_ORDER, graph=graph, what="")
+            except IntractableError as e:
+                sized = str(e)  # a support set by a traced operand (Binomial's total_count from params)
+        checks.check("finite support", site.enumerable and not site.reparameterized and not sized,
+                     f"{site.dist.name} has no enumerate_support" if not site.enumerable else sized or
                      f"{site.dist.name} has a finite support")
         records.extend(checks.records)
         if checks.all_held:
             chosen.append(site)
-    sizes = {s.name: integrate.site_grid_size(s, integrate.DEFAULT_ORDER) for s in already + chosen}
+    sizes = {s.name: integrate.site_grid_size(s, integrate.DEFAULT_ORDER, graph=graph, what=NAME)
+             for s in already + chosen}
     total = 1
     for v in sizes.values():
         total *= v
