@@ -137,9 +137,12 @@ def test_auto_gradient_matches_the_naive_one_in_expectation():
     # 24 agree to 1e-6); scg's reference at order=6 integrates at order 6 or, where it refines, finer,
     # so it lies within the order-6 quadrature error |ref₆ − ref₂₄| (3e-4 here) of the converged value,
     # plus float32 rounding (2e-5 relative).
-    converged = jax.value_and_grad(lambda p: reference_expected_loss(p, x, order=24))(params)
-    coarse = jax.value_and_grad(lambda p: reference_expected_loss(p, x, order=6))(params)
-    checked = (scg.expectation(aevb.aevb, params, x, order=6), auto.exact)
+    # the three computed in one compiled program (eagerly, every primitive compiles on its own shapes)
+    converged, coarse, value = jax.jit(lambda p: (
+        jax.value_and_grad(lambda q: reference_expected_loss(q, x, order=24))(p),
+        jax.value_and_grad(lambda q: reference_expected_loss(q, x, order=6))(p),
+        scg.expectation(aevb.aevb, p, x, order=6)))(params)
+    checked = (value, auto.exact)
     for got, ref, ref_6 in zip(*(jax.tree_util.tree_leaves(t) for t in (checked, converged, coarse))):
         ref, ref_6 = np.asarray(ref, np.float64), np.asarray(ref_6, np.float64)
         tolerance = np.abs(ref_6 - ref) + 2e-5 * np.abs(ref) + 1e-6

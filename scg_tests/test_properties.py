@@ -110,8 +110,10 @@ ORDER = 10
 
 
 def _exact_value_and_grad(graph):
+    # one compiled program per graph (run eagerly, the nested vmaps of the quadrature compile every
+    # primitive on its own shapes: hundreds of small XLA compiles per graph)
     f = lambda p: scg.expectation(graph, p, X, order=ORDER)
-    return jax.value_and_grad(f)(PARAMS)
+    return jax.jit(jax.value_and_grad(f))(PARAMS)
 
 
 @given(graph_specs(), st.sampled_from([(), "auto"]))

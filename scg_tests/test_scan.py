@@ -296,11 +296,12 @@ def test_a_discrete_chain_is_integrated_by_the_forward_recursion(key):
     x = jnp.array([0.3, -1.0, 1.2, 0.5])
     # the recursion (T·K²) against the unrolled twin's joint enumeration (K^T): value and gradient
     twin = scg.unroll(discrete_hmm.trace(HMM, x))
-    exact = jax.value_and_grad(lambda p: scg.expectation(discrete_hmm, p, x))(HMM)
-    joint = jax.value_and_grad(lambda p: scg.expectation(twin, p, x))(HMM)
+    # both in one compiled program (eagerly, every primitive of the quadrature compiles on its own shapes)
+    exact, joint = jax.jit(lambda q: (jax.value_and_grad(lambda p: scg.expectation(discrete_hmm, p, x))(q),
+                                      jax.value_and_grad(lambda p: scg.expectation(twin, p, x))(q)))(HMM)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), exact, joint)
     # a chain far beyond any joint grid: T = 300 (3^300 paths) is exact, and the estimator agrees with it
     long_x = jnp.sin(jnp.arange(300.0))
-    assert np.isfinite(float(scg.expectation(discrete_hmm, HMM, long_x)))
+    assert np.isfinite(float(jax.jit(lambda q: scg.expectation(discrete_hmm, q, long_x))(HMM)))
     report = scg.check_grad(discrete_hmm, HMM, long_x[:60], key=key, num_samples=1000)
     assert report.ok, report
