@@ -42,7 +42,7 @@ from jax import lax
 from scg import integrate
 from scg.errors import ModelError
 from scg.interpreter import Draw, initial_env, log_density, read, validity_factor, walk
-from scg.ir import Graph, Scan, Site, Var
+from scg.ir import Graph, Literal, Scan, Site, Var
 from scg.plates import align, per_example
 
 
@@ -149,7 +149,8 @@ def _draw_key(key: jax.Array, site: Site, steps: tuple) -> jax.Array:
 # pins it), so drawing before the loop changes where the bits are made, never a value.
 class NoiseDraw(NamedTuple):
     draw: Callable       # (key, shape, dtype) -> the step's noise
-    dtype: Callable      # distribution -> the dtype of the noise its own sample(key) draws
+    shape: Callable      # distribution -> the shape of the noise its own sample(key) draws
+    dtype: Callable      # distribution -> the dtype of that noise
     transform: Callable  # (distribution, noise) -> the site's value
 
 
@@ -158,29 +159,44 @@ def _bernoulli_from_uniform(distribution: Any, u: jax.Array) -> jax.Array:
     return below.astype(jnp.result_type(below, int))
 
 
-_BERNOULLI = NoiseDraw(jax.random.uniform, lambda d: jnp.result_type(d.probs), _bernoulli_from_uniform)
+_values_shape = lambda d: tuple(d.batch_shape + d.event_shape)  # noqa: E731
+_BERNOULLI = NoiseDraw(jax.random.uniform, _values_shape, lambda d: jnp.result_type(d.probs), _bernoulli_from_uniform)
 NOISE_BEFORE_LOOPS = {
     dist.BernoulliProbs: _BERNOULLI,
     dist.BernoulliLogits: _BERNOULLI,
+    # jax.random.categorical(key, logits) is argmax(gumbel(key, logits' shape) + logits) (the Gumbel-max trick)
+    dist.CategoricalLogits: NoiseDraw(jax.random.gumbel, lambda d: jnp.shape(d.logits),
+                                      lambda d: jnp.result_type(d.logits),
+                                      lambda d, g: jnp.argmax(g + d.logits, axis=-1)),
     # numpyro's Normal draws standard normals of the default float dtype, whatever loc's dtype
-    dist.Normal: NoiseDraw(jax.random.normal, lambda d: jnp.result_type(float),
+    dist.Normal: NoiseDraw(jax.random.normal, _values_shape, lambda d: jnp.result_type(float),
                            lambda d, eps: d.loc + eps * d.scale),
 }
 
 
 def _noise_spec(site: Site) -> tuple | None:
-    """``(shape, dtype)`` of a body site's noise if its family draws from noise, else None."""
-    if site.enumerated or site.dist.family not in NOISE_BEFORE_LOOPS:
+    """``(shape, dtype)`` of a body site's noise if its family draws from noise, else None (from shapes alone)."""
+    rule = NOISE_BEFORE_LOOPS.get(site.dist.family)
+    if site.enumerated or rule is None:
         return None
-    return tuple(site.output.shape), jnp.result_type(float)  # the default float: what parameters have
+    free = [i for i, a in enumerate(site.inputs) if isinstance(a, Var)]
+
+    def noise(avals):
+        leaves = [a.value if isinstance(a, Literal) else None for a in site.inputs]
+        for i, x in zip(free, avals):
+            leaves[i] = x
+        d = site.dist.build(leaves)
+        return jnp.zeros(rule.shape(d), rule.dtype(d))
+
+    out = jax.eval_shape(noise, [jax.ShapeDtypeStruct(site.inputs[i].shape, site.inputs[i].dtype) for i in free])
+    return tuple(out.shape), out.dtype
 
 
 def _from_noise(distribution: Any, noise: jax.Array) -> jax.Array | None:
     """The site's value from its step's noise; None where the distribution's own draw would use other
     noise (of another dtype or shape), so that the body draws with the key as usual."""
     rule = NOISE_BEFORE_LOOPS.get(type(distribution))
-    if rule is None or noise.dtype != rule.dtype(distribution) or noise.shape != tuple(
-            distribution.batch_shape + distribution.event_shape):
+    if rule is None or noise.dtype != rule.dtype(distribution) or noise.shape != tuple(rule.shape(distribution)):
         return None
     return rule.transform(distribution, noise)
 

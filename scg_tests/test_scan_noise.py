@@ -1,4 +1,4 @@
-"""A loop draws the noise of Bernoulli and Normal sites before it runs; the values must not change.
+"""A loop draws the noise of Bernoulli, Categorical and Normal sites before it runs; the values must not change.
 
 ``scg.estimators.NOISE_BEFORE_LOOPS`` splits a family's draw into noise that depends on the key
 alone and a transform of the parameters. These tests pin, for every entry, that the split
@@ -18,6 +18,8 @@ from scg.estimators import NOISE_BEFORE_LOOPS, _from_noise
 PARAMETERS = {
     dist.BernoulliLogits: lambda rng, shape: dist.BernoulliLogits(jnp.asarray(rng.normal(size=shape), jnp.float32)),
     dist.BernoulliProbs: lambda rng, shape: dist.BernoulliProbs(jnp.asarray(rng.uniform(size=shape), jnp.float32)),
+    dist.CategoricalLogits: lambda rng, shape: dist.CategoricalLogits(
+        jnp.asarray(rng.normal(size=(*shape, 4)), jnp.float32)),
     dist.Normal: lambda rng, shape: dist.Normal(jnp.asarray(rng.normal(size=shape), jnp.float32),
                                                 jnp.asarray(rng.uniform(0.1, 2.0, size=shape), jnp.float32)),
 }
@@ -35,7 +37,7 @@ def test_noise_and_transform_reproduce_the_familys_own_draw(family, shape):
     for i in range(20):
         d = PARAMETERS[family](rng, shape)
         key = jax.random.fold_in(jax.random.key(1), i)
-        noise = rule.draw(key, shape, rule.dtype(d))
+        noise = rule.draw(key, rule.shape(d), rule.dtype(d))
         drawn = _from_noise(d, noise)
         expected = d.sample(key)
         assert drawn.dtype == expected.dtype and drawn.shape == expected.shape
@@ -53,15 +55,16 @@ def mixed_chain(params, x):
     def step(state, x_t):
         b = scg.sample("b", dist.Bernoulli(logits=params["w"] * state + x_t * jnp.ones(3)))
         z = scg.sample("z", dist.Normal(params["m"] + state, jnp.exp(params["s"])))
-        scg.cost("fit", jnp.sum((b - x_t) ** 2) + (z - x_t) ** 2)
-        return 0.5 * z + 0.1 * jnp.sum(b), (b, z)
+        k = scg.sample("k", dist.Categorical(logits=params["c"] * state + jnp.arange(3.0) * x_t))
+        scg.cost("fit", jnp.sum((b - x_t) ** 2) + (z - x_t) ** 2 + (k - 1.0) ** 2)
+        return 0.5 * z + 0.1 * jnp.sum(b) + 0.2 * k, (b, z, k)
 
     return jax.lax.scan(step, jnp.zeros(()), x)
 
 
 @pytest.mark.parametrize("passes", [[], "auto"])
 def test_a_loop_draws_what_its_twin_draws_with_the_familys_sampler(passes):
-    params = {"w": jnp.array(0.4), "m": jnp.array(-0.2), "s": jnp.array(-0.5)}
+    params = {"w": jnp.array(0.4), "m": jnp.array(-0.2), "s": jnp.array(-0.5), "c": jnp.array([0.3, -0.1, 0.2])}
     x = jnp.linspace(-1.0, 1.0, 4)
     loop = scg.compile(mixed_chain, passes=passes)
     twin = scg.compile(scg.unroll(mixed_chain.trace(params, x)), passes=passes)
