@@ -46,10 +46,12 @@ class ScoreShape(NamedTuple):
 
     ``plates``: the sizes of the plates a site lies in (examples change from batch
     to batch); ``steps``: ``(T,)`` for a loop's per-step scores (step ``t`` is the
-    same step in every estimate), ``()`` for a site.
+    same step in every estimate), ``()`` for a site; ``sites``: the model's sites
+    whose score terms these are (the site itself, or every scored site of a loop).
     """
     plates: tuple
     steps: tuple
+    sites: tuple = ()
 
 
 class Baseline(NamedTuple):
@@ -57,6 +59,9 @@ class Baseline(NamedTuple):
     apply: Callable[..., tuple[dict, Any]]
     stateful: bool
     name: str
+    # bind(shapes, site_names) -> Baseline: this baseline for one model's scores (None: the same for every
+    # model); the objective binds it once per traced graph, before init and apply
+    bind: Callable[..., "Baseline"] | None = None
 
 
 def _leave_one_out_apply(state, downstream, *args):
@@ -202,7 +207,11 @@ def learned(apply_fn: Callable, init_params: Any, optimizer: optax.GradientTrans
 def per_site(choices: Mapping[str, Any]) -> Baseline:
     """Different baselines for different sites: ``{"z1": "leave_one_out", "z2": moving_average()}``.
 
-    Sites not named get no baseline.
+    Sites not named get no baseline. A site inside a loop names the loop's
+    per-step scores (all scored sites of one loop share them, so they must get
+    the same baseline). A name that is no site of the model is refused; a site
+    without a score-function term (drawn pathwise, enumerated, or free of θ)
+    needs no baseline and is passed over.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, scg
@@ -234,7 +243,30 @@ def per_site(choices: Mapping[str, Any]) -> Baseline:
                 new[name] = site_state
         return baselines, new
 
-    return Baseline(init, apply, any(b.stateful for b in parts.values()), "per_site")
+    def bind(shapes: Mapping[str, ScoreShape], site_names: tuple) -> Baseline:
+        owner = {}  # a site's name -> the score its term belongs to (its own, or its loop's)
+        for score, shape in shapes.items():
+            for site in getattr(shape, "sites", ()) or (score,):
+                owner.setdefault(site, score)
+        unknown = [n for n in parts if n not in shapes and n not in owner and n not in site_names]
+        if unknown:
+            which = "is not a site" if len(unknown) == 1 else "are not sites"
+            raise ValueError(f"baseline= names {', '.join(map(repr, unknown))}, which {which} of this model; its "
+                             f"sites are {', '.join(map(repr, site_names)) or 'none'}")
+        bound: dict = {}
+        for name, b in parts.items():
+            score = name if name in shapes else owner.get(name)
+            if score is None:
+                continue  # no score-function term to control
+            if score in bound and bound[score][1].name != b.name:
+                raise ValueError(
+                    f"baseline= gives sites {bound[score][0]!r} and {name!r} different baselines "
+                    f"({bound[score][1].name} and {b.name}), but both are scored inside the loop {score!r}, whose "
+                    "per-step scores they share: give every site of one loop the same baseline")
+            bound.setdefault(score, (name, b))
+        return per_site({score: b for score, (_, b) in bound.items()})
+
+    return Baseline(init, apply, any(b.stateful for b in parts.values()), "per_site", bind)
 
 
 _NAMED = {"leave_one_out": leave_one_out, "moving_average": moving_average}

@@ -16,7 +16,7 @@ from jax.experimental import checkify
 
 from scg import baselines, estimators, integrate
 from scg.errors import ModelError, check_key
-from scg.ir import Graph
+from scg.ir import Graph, all_sites
 from scg.passes import _check_pass_result, resolve_passes
 from scg.trace import Model, _check_data, _check_params
 
@@ -58,6 +58,16 @@ def _with_checks(run: Callable) -> Callable:
         return out
 
     return call
+
+
+def _score_shapes(graph: Graph) -> dict:
+    """Each score of ``graph``: a score-function site, or a loop holding some (one score per step)."""
+    shapes = {s.name: baselines.ScoreShape(tuple(p.size for p in s.plates), (), (s.name,))
+              for s in estimators.score_sites(graph)}
+    for loop in graph.scans:
+        scored = tuple(s.name for s in all_sites(loop.body) if not (s.reparameterized or s.enumerated))
+        shapes[loop.name] = baselines.ScoreShape((), (loop.length,), scored)
+    return shapes
 
 
 class Objective:
@@ -141,10 +151,13 @@ class Objective:
         if not self.stateful:
             return baselines.EmptyState()
         graph = self.graph_for(params, *args)
-        shapes = {s.name: baselines.ScoreShape(tuple(p.size for p in s.plates), ())
-                  for s in estimators.score_sites(graph)}
-        shapes.update({loop.name: baselines.ScoreShape((), (loop.length,)) for loop in graph.scans})  # per step
-        return self.baseline.init(shapes, *args)
+        return self._baseline_for(graph).init(_score_shapes(graph), *args)
+
+    def _baseline_for(self, graph: Graph) -> Any:
+        """The objective's baseline bound to ``graph``'s scores (a per-site choice names sites)."""
+        if self.baseline is None or self.baseline.bind is None:
+            return self.baseline
+        return self.baseline.bind(_score_shapes(graph), tuple(s.name for s in all_sites(graph)))
 
     def _check_call(self, method: str, params: Any, args: tuple, key: Any) -> None:
         """Entry checks of the public methods: one PRNG key, floating parameters, array-like data."""
@@ -166,7 +179,7 @@ class Objective:
         graph = self.graph_for(params, *args)
         input_leaves = jax.tree_util.tree_leaves(tuple(args))
         # a sampled loss needs no baseline (and leave-one-out would refuse a single particle)
-        baseline = self.baseline if with_baseline else None
+        baseline = self._baseline_for(graph) if with_baseline else None
 
         def surrogate(p, key, baseline_state=None):
             return estimators.surrogate_and_loss(
