@@ -31,6 +31,7 @@ cost is outside of).
 """
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any, Callable, NamedTuple
 
@@ -174,6 +175,18 @@ NOISE_BEFORE_LOOPS = {
 }
 
 
+# the noise of all T steps is held at once: a site with more than this many values over the loop draws
+# inside the body instead (its per-step draw is then large enough to amortize the serial cost)
+NOISE_BEFORE_LOOPS_MAX_ELEMENTS = 1 << 22
+
+
+def _draws_by_key_under_vmap(key: jax.Array) -> bool:
+    """Whether a vmap of draws over a batch of keys draws each key's own values (threefry does; JAX's batching
+    rule of rbg's random bits uses the first key only, so those keys draw inside the body)."""
+    impl = jax.random.key_impl(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else None
+    return impl is None or str(impl) == "threefry2x32"  # a raw uint32[2] key is threefry's
+
+
 def _noise_spec(site: Site) -> tuple | None:
     """``(shape, dtype)`` of a body site's noise if its family draws from noise, else None (from shapes alone)."""
     rule = NOISE_BEFORE_LOOPS.get(site.dist.family)
@@ -216,7 +229,7 @@ def _walk_estimate(graph: Graph, env: dict, key: jax.Array, *, steps: tuple, ord
 
     def on_site(site: Site, distribution: Any, env: dict, continue_with: Callable):
         if site.enumerated:
-            return integrate.integrate_site(site, distribution, continue_with, order)
+            return integrate.integrate_site(site, distribution, continue_with, order, graph)
         # a loop hands its body each site's key of the step, derived before the loop in one vmap, and
         # the step's noise of the families that draw from noise, drawn before the loop
         k = drawn_keys[site.name] if drawn_keys is not None else _draw_key(key, site, steps)
@@ -391,8 +404,8 @@ def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order
             for s in body.sites if not s.enumerated}
     noise = {}
     for s in body.sites:
-        spec = _noise_spec(s)
-        if spec is not None:
+        spec = _noise_spec(s) if _draws_by_key_under_vmap(key) else None
+        if spec is not None and node.length * math.prod(spec[0]) <= NOISE_BEFORE_LOOPS_MAX_ELEMENTS:
             draw = NOISE_BEFORE_LOOPS[s.dist.family].draw
             noise[s.name] = jax.vmap(lambda k, draw=draw, spec=spec: draw(k, *spec))(keys[s.name])
     (final, _), (ys, surrogates, losses, log_densities, own, later) = lax.scan(

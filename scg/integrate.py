@@ -81,13 +81,6 @@ def is_normal(d: Any) -> bool:
     return isinstance(_unwrap(d), dist.Normal)
 
 
-def _flat_index_grid(n_elements: int, per_element: int) -> np.ndarray:
-    """All ``per_element ** n_elements`` index tuples, shape (M, n_elements)."""
-    if n_elements == 0:
-        return np.zeros((1, 0), dtype=np.int32)
-    return np.indices((per_element,) * n_elements, dtype=np.int32).reshape(n_elements, -1).T
-
-
 _WRAPPERS = (dist.Independent, dist.ExpandedDistribution)
 _INTERVAL = type(constraints.integer_interval(0, 1))
 
@@ -170,8 +163,6 @@ def _elements(d: Any, shape: tuple, n_parallel: int) -> _Elements:
 
 
 def _grid_size(el: _Elements) -> int:
-    if el.shared is not None:
-        return int(el.shared.shape[0]) ** int(el.sizes.size)
     return math.prod(int(k) for k in el.sizes.ravel())
 
 
@@ -182,15 +173,18 @@ def _joint_indices(sizes: tuple) -> np.ndarray:
     return np.indices(sizes, dtype=np.int32).reshape(len(sizes), -1).T
 
 
-def support_points(d: Any, shape: tuple, dtype: Any, order: int, n_parallel: int = 0) -> tuple[jax.Array, jax.Array]:
+def support_points(d: Any, shape: tuple, dtype: Any, order: int, n_parallel: int = 0,
+                   elements: "_Elements | None" = None) -> tuple[jax.Array, jax.Array]:
     """The points ``(M, *shape)`` and log-weights ``(M, *shape[:n_parallel])`` that integrate ``d`` exactly.
 
     The leading ``n_parallel`` dimensions (plates) are enumerated in parallel:
-    every example gets the same combination of values in point ``j``.
+    every example gets the same combination of values in point ``j``. ``elements``:
+    the supports sized from the graph's constants (:func:`site_elements`), for
+    bounds that are traced values at run time (a constant folded under ``jit``).
     """
     if d.has_enumerate_support:
         try:
-            el = _elements(d, tuple(shape), n_parallel)
+            el = elements if elements is not None else _elements(d, tuple(shape), n_parallel)
         except _TracedBounds as e:
             raise IntractableError(f"{e}; make them constants of the model (a Python number or an array the "
                                    "model closes over)", site="") from None
@@ -215,7 +209,7 @@ def normal_tensor_points(d: Any, shape: tuple, dtype: Any, nodes: np.ndarray, we
     parallel = tuple(shape[:n_parallel])
     per_element = len(nodes)
     inner_shape = tuple(shape[n_parallel:])
-    idx = _flat_index_grid(int(np.prod(inner_shape, dtype=np.int64)), per_element)
+    idx = _joint_indices((per_element,) * int(np.prod(inner_shape, dtype=np.int64)))
     x = jnp.asarray(nodes[idx].reshape((idx.shape[0],) + (1,) * n_parallel + inner_shape), dtype=dtype)
     log_w = np.sum(np.log(weights[idx]), axis=1)
     log_w = jnp.broadcast_to(jnp.asarray(log_w, dtype=dtype).reshape((-1,) + (1,) * n_parallel),
@@ -345,17 +339,21 @@ def check_budget(graph: Graph, sites: list[Site], order: int, budget: int, what:
     return total
 
 
-def _points_or_refuse(site: Site, distribution: Any, order: int, n_parallel: int):
+def _points_or_refuse(site: Site, distribution: Any, order: int, n_parallel: int, graph: Graph | None = None):
+    elements = site_elements(site, graph, n_parallel) if graph is not None and site.enumerable else None
+    if elements is not None and elements.shared is not None:
+        elements = None  # values shared by every element (Bernoulli's 0, 1) come from the distribution itself
     try:
-        return support_points(distribution, site.output.shape, site.output.dtype, order, n_parallel)
+        return support_points(distribution, site.output.shape, site.output.dtype, order, n_parallel, elements)
     except IntractableError as e:
         raise IntractableError(f"site {site.name!r} ({site.dist.name}) cannot be integrated exactly: {e}",
                                site=site.name) from None
 
 
-def integrate_site(site: Site, distribution: Any, continue_with: Callable, order: int = DEFAULT_ORDER) -> Any:
+def integrate_site(site: Site, distribution: Any, continue_with: Callable, order: int = DEFAULT_ORDER,
+                   graph: Graph | None = None) -> Any:
     """``Σ_j w_j · continue_with(z_j)`` over the joint grid of ``site`` (any pytree of results)."""
-    points, log_w = _points_or_refuse(site, distribution, order, 0)
+    points, log_w = _points_or_refuse(site, distribution, order, 0, graph)
     weights = jnp.exp(log_w)
     results = jax.vmap(continue_with)(points)
     return jax.tree_util.tree_map(lambda r: jnp.tensordot(weights.astype(r.dtype), r, axes=1), results)
@@ -511,7 +509,8 @@ def integrate_prepared(prep: Prepared, param_leaves: list, input_leaves: list, *
             points, log_w = normal_tensor_points(distribution, site.output.shape, site.output.dtype, nodes, w, k)
             weights = jnp.exp(log_w)
         else:
-            points, log_w = _points_or_refuse(site, distribution, rule[1] if rule[0] == "gh" else prep.order, k)
+            points, log_w = _points_or_refuse(site, distribution, rule[1] if rule[0] == "gh" else prep.order, k,
+                                              prep.graph)
             weights = jnp.exp(log_w)
         if site.name in analysis.detached:
             points, weights = _detach(distribution, points, weights, k)

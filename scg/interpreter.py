@@ -85,7 +85,8 @@ class _BernoulliLogits(dist.BernoulliLogits):
         finite = jnp.isfinite(self.logits)
         logits = jnp.where(finite, self.logits, jnp.zeros_like(self.logits))
         usual = value * logits - jax.nn.softplus(logits)
-        return jnp.where(finite, usual, -jnp.inf * jnp.logical_xor(value, self.logits > 0))
+        # the limits: 0 where the value is the one an infinite logit makes sure, −∞ where it is the other
+        return jnp.where(finite, usual, jnp.where(jnp.logical_xor(value, self.logits > 0), -jnp.inf, 0.0))
 
 
 class _BinomialLogits(dist.BinomialLogits):

@@ -314,10 +314,46 @@ class Graph:
         return dict(self.consts)
 
     def constant(self, atom: Any) -> Any:
-        """The value of ``atom`` when it is a constant of the graph (a Literal or a closed-over array), else None."""
+        """The value of ``atom`` when it is a constant of the graph, else None.
+
+        A constant is a Literal, an array the model closes over, or a value computed
+        from those alone (``jnp.array(10)`` reshaped by a distribution's constructor),
+        folded here once: one walk back over its producers, no recursion.
+        """
         if isinstance(atom, Literal):
             return atom.value
-        return self.constant_values.get(atom)
+        folded = self._folded_constants
+        stack = [atom]
+        while stack:
+            v = stack[-1]
+            if v in folded:
+                stack.pop()
+                continue
+            i = self.producers.get(v)
+            node = self.nodes[i] if i is not None else None
+            if v in self.constant_values or not isinstance(node, Equation) or any(_jax.sub_jaxprs(node.params)):
+                folded[v] = self.constant_values.get(v)
+                stack.pop()
+                continue
+            pending = [a for a in node.inputs if isinstance(a, Var) and a not in folded]
+            if pending:
+                stack.extend(pending)
+                continue
+            values = [a.value if isinstance(a, Literal) else folded[a] for a in node.inputs]
+            outs: list = [None] * len(node.outputs)
+            if all(x is not None for x in values):
+                try:
+                    with jax.ensure_compile_time_eval():  # concrete values, also under an outer jit or grad
+                        outs = [np.asarray(x) for x in _jax.bind(node.primitive, node.params, values)]
+                except Exception:  # a primitive that cannot run eagerly is simply not a constant
+                    pass
+            folded.update(zip(node.outputs, outs))
+            stack.pop()
+        return folded[atom]
+
+    @functools.cached_property
+    def _folded_constants(self) -> dict:
+        return {}
 
     @functools.cached_property
     def producers(self) -> dict:

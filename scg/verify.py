@@ -63,7 +63,7 @@ def _monte_carlo(cert, params, args, key, num_samples, alpha):
     p_leaves = jax.tree_util.tree_leaves(params)
     x_leaves = jax.tree_util.tree_leaves(tuple(args))
 
-    def draws(graph, k):
+    def draws(graph, k, p_leaves, x_leaves):
         def one(kk):
             f = lambda leaves: estimators.surrogate_and_loss(graph, leaves, x_leaves, kk)
             (_, (v, _)), g = jax.value_and_grad(f, has_aux=True)(p_leaves)
@@ -72,9 +72,11 @@ def _monte_carlo(cert, params, args, key, num_samples, alpha):
         return jax.lax.map(one, jax.random.split(k, num_samples), batch_size=min(num_samples, 256))
 
     k0, k1 = jax.random.split(key)
-    # one compiled program per graph: run eagerly, the remainder batch of lax.map (num_samples not a
-    # multiple of 256) would compile every primitive on its own
-    a, b = (jax.jit(functools.partial(draws, graph))(k) for graph, k in ((cert.before, k0), (cert.after, k1)))
+    # one compiled program per graph (run eagerly, the remainder batch of lax.map, when num_samples is not
+    # a multiple of 256, would compile every primitive on its own); params and data as arguments, not
+    # constants baked into the program
+    a, b = (jax.jit(functools.partial(draws, graph))(k, p_leaves, x_leaves)
+            for graph, k in ((cert.before, k0), (cert.after, k1)))
     diff = jnp.mean(a, 0) - jnp.mean(b, 0)
     se = jnp.sqrt(jnp.var(a, 0, ddof=1) / num_samples + jnp.var(b, 0, ddof=1) / num_samples)
     z = jnp.where(se > 0, jnp.abs(diff) / jnp.where(se > 0, se, 1.0), jnp.where(jnp.abs(diff) < 1e-5, 0.0, jnp.inf))

@@ -72,6 +72,23 @@ def test_a_binomial_with_a_constant_count_is_enumerated_exactly(count, power):
     np.testing.assert_allclose(grad["l"], d_mean if power == 1 else d_second, rtol=RTOL)
 
 
+@pytest.mark.parametrize("count", [jnp.array(10), None], ids=["jax_scalar", "computed_in_the_model"])
+def test_a_constant_count_reshaped_by_the_constructor_is_folded_also_under_jit(count):
+    # with vector logits numpyro reshapes a scalar count (promote_shapes): an equation of the graph, folded
+    # as a constant; a count computed in the model from constants alone (jnp.full) is one too
+    @scg.model
+    def m(p):
+        n = count if count is not None else jnp.full(3, 5) * 2
+        k = scg.sample("k", dist.Binomial(n, logits=p["l"]))
+        scg.cost("c", jnp.sum(f32(k) ** 2))
+
+    params = {"l": jnp.array([0.3, -0.2, 0.1])}
+    s = jax.nn.sigmoid(params["l"])
+    exact = float(jnp.sum(10 * s * (1 - s) + (10 * s) ** 2))
+    np.testing.assert_allclose(scg.expectation(m, params), exact, rtol=RTOL)
+    np.testing.assert_allclose(jax.jit(lambda q: scg.expectation(m, q))(params), exact, rtol=RTOL)
+
+
 def test_a_binomial_whose_count_differs_between_elements_is_a_product_of_their_supports():
     # numpyro's enumerate_support refuses an inhomogeneous total_count; the grid is {0..2}×{0..3}×{0..4}
     n = np.array([2, 3, 4])

@@ -72,3 +72,35 @@ def test_a_loop_draws_what_its_twin_draws_with_the_familys_sampler(passes):
         np.testing.assert_allclose(loop.loss(params, x, key=key), twin.loss(params, x, key=key), rtol=1e-6)
         g1, g2 = loop.grad(params, x, key=key), twin.grad(params, x, key=key)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
+
+
+def _loop_and_twin_losses(key):
+    params = {"w": jnp.array(0.4), "m": jnp.array(-0.2), "s": jnp.array(-0.5), "c": jnp.array([0.3, -0.1, 0.2])}
+    x = jnp.linspace(-1.0, 1.0, 4)
+    loop = scg.compile(mixed_chain, passes=[])
+    twin = scg.compile(scg.unroll(mixed_chain.trace(params, x)), passes=[])
+    return loop.loss(params, x, key=key), twin.loss(params, x, key=key)
+
+
+def test_the_loop_takes_its_values_from_the_noise_drawn_before_it(monkeypatch):
+    # the path the tests above compare must be the one taken: every site of the body is drawn from noise
+    from scg import estimators
+
+    used = []
+    spy = lambda d, noise: used.append(type(d).__name__) or _from_noise(d, noise)  # noqa: E731
+    monkeypatch.setattr(estimators, "_from_noise", spy)
+    _loop_and_twin_losses(jax.random.key(0))
+    assert sorted(set(used)) == ["BernoulliLogits", "CategoricalLogits", "Normal"]
+
+
+def test_keys_whose_draws_do_not_batch_and_sites_too_large_to_hold_draw_inside_the_body(monkeypatch):
+    # JAX's batching rule of rbg's random bits draws every key of a batch from the first one: rbg keys (and
+    # sites over the size limit) draw step by step in the body, still the values of the twin
+    loop, twin = _loop_and_twin_losses(jax.random.key(5, impl="rbg"))
+    np.testing.assert_allclose(loop, twin, rtol=1e-6)
+    from scg import estimators
+
+    monkeypatch.setattr(estimators, "NOISE_BEFORE_LOOPS_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(estimators, "_from_noise", lambda d, noise: pytest.fail("no noise should be drawn"))
+    loop, twin = _loop_and_twin_losses(jax.random.key(6))
+    np.testing.assert_allclose(loop, twin, rtol=1e-6)
