@@ -143,7 +143,8 @@ def learned(apply_fn: Callable, init_params: Any, optimizer: optax.GradientTrans
 
     ``b_i(x) = f_ψ(x)_i + c_i`` where ``f_ψ = apply_fn(ψ, *args)`` is the user's
     network on the model's data arguments (an array per example for a single
-    score site, or a dict per site), and ``c_i`` is a running mean of the
+    score site, or a dict per site; for a loop, an array of one baseline per
+    step under the name of a site the loop draws), and ``c_i`` is a running mean of the
     residual ``Q_i − f_ψ(x)_i`` (NVIL's centering; off with ``centering=False``).
     ``ψ`` is trained by ``optimizer`` (default Adam 1e-3) to minimize
     ``E[(Q_i − c_i − f_ψ(x)_i)²]``; the update happens inside the estimate and
@@ -169,6 +170,12 @@ def learned(apply_fn: Callable, init_params: Any, optimizer: optax.GradientTrans
       ['center', 'opt_state', 'params']
     """
     optimizer = optimizer or optax.adam(1e-3)
+    return _learned(apply_fn, init_params, optimizer, centering, decay, {})
+
+
+def _learned(apply_fn: Callable, init_params: Any, optimizer: optax.GradientTransformation, centering: bool,
+             decay: float, aliases: Mapping[str, tuple]) -> Baseline:
+    """:func:`learned`, with ``aliases``: the names a dict from ``apply_fn`` may use for a score (a loop's sites)."""
 
     def init(shapes, *args):
         return {"params": init_params, "opt_state": optimizer.init(init_params),
@@ -177,7 +184,15 @@ def learned(apply_fn: Callable, init_params: Any, optimizer: optax.GradientTrans
     def predictions(psi, names, args):
         out = apply_fn(psi, *args)
         if isinstance(out, Mapping):
-            return {n: out[n] for n in names}
+            found = {}
+            for n in names:
+                key = next((k for k in (n, *aliases.get(n, ())) if k in out), None)
+                if key is None:
+                    accepted = " or ".join(repr(k) for k in (n, *aliases.get(n, ())))
+                    raise ValueError(f"learned baseline: apply_fn returned a dict with keys {sorted(out)}, but none "
+                                     f"for the score {n!r}; add a prediction under {accepted}")
+                found[n] = out[key]
+            return found
         if len(names) != 1:
             raise ValueError(f"learned baseline: apply_fn returned one array but the model has {len(names)} score "
                              f"sites ({', '.join(names)}); return a dict mapping site names to baselines")
@@ -201,7 +216,12 @@ def learned(apply_fn: Callable, init_params: Any, optimizer: optax.GradientTrans
                "center": new_center}
         return baselines, new
 
-    return Baseline(init, apply, True, "learned")
+    def bind(shapes: Mapping[str, ScoreShape], site_names: tuple) -> Baseline:
+        # a loop's per-step scores may be predicted under the name of a site the loop draws
+        loops = {name: tuple(shape.sites) for name, shape in shapes.items() if getattr(shape, "steps", ())}
+        return _learned(apply_fn, init_params, optimizer, centering, decay, loops)
+
+    return Baseline(init, apply, True, "learned", bind)
 
 
 def per_site(choices: Mapping[str, Any]) -> Baseline:
@@ -264,7 +284,8 @@ def per_site(choices: Mapping[str, Any]) -> Baseline:
                     f"({bound[score][1].name} and {b.name}), but both are scored inside the loop {score!r}, whose "
                     "per-step scores they share: give every site of one loop the same baseline")
             bound.setdefault(score, (name, b))
-        return per_site({score: b for score, (_, b) in bound.items()})
+        return per_site({score: b.bind({score: shapes[score]}, site_names) if b.bind else b
+                         for score, (_, b) in bound.items()})
 
     return Baseline(init, apply, any(b.stateful for b in parts.values()), "per_site", bind)
 

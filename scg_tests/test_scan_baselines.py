@@ -140,3 +140,22 @@ def test_a_per_site_choice_is_refused_for_an_unknown_site_and_for_two_baselines_
     np.testing.assert_allclose(same.grad(PARAMS, X, OFFSETS, key=key, num_samples=4)["w"],
                                scg.compile(two_site_steps, passes=[], baseline="leave_one_out").grad(
                                    PARAMS, X, OFFSETS, key=key, num_samples=4)["w"], rtol=1e-6)
+
+
+def test_a_learned_baseline_predicts_a_loops_steps_under_the_name_of_its_site(key):
+    # apply_fn returns one baseline per step under the loop's site name "b"; unbiased whatever ψ is
+    baseline = scg.baselines.learned(lambda psi, x, offsets: {"b": psi["per_step"] + 0.0 * x},
+                                     {"per_step": jnp.asarray(exact_moments()[0], jnp.float32)})
+    objective = scg.compile(steps, passes=[], baseline=baseline)
+    state = objective.init_baseline_state(PARAMS, X, OFFSETS)
+    keys = jax.random.split(key, 2000)
+    draws = jax.vmap(lambda k: objective.grad(PARAMS, X, OFFSETS, key=k, baseline_state=state)[0]["w"])(keys)
+    exact = jax.grad(lambda p: scg.expectation(steps, p, X, OFFSETS))(PARAMS)["w"]
+    assert_within_se(np.asarray(draws), float(exact), k=5)
+    plain = jax.vmap(lambda k: scg.compile(steps, passes=[]).grad(PARAMS, X, OFFSETS, key=k)["w"])(keys)
+    assert float(jnp.var(plain)) > 10 * float(jnp.var(draws))  # the offsets removed, step by step
+    wrong = scg.baselines.learned(lambda psi, x, offsets: {"z": psi["c"]}, {"c": jnp.zeros(3)})
+    with pytest.raises(ValueError, match=r"learned baseline: apply_fn returned a dict with keys \['z'\], but none "
+                                         r"for the score 'scan@.*'; add a prediction under 'scan@.*' or 'b'"):
+        obj = scg.compile(steps, passes=[], baseline=wrong)
+        obj.grad(PARAMS, X, OFFSETS, key=key, baseline_state=obj.init_baseline_state(PARAMS, X, OFFSETS))
