@@ -496,6 +496,11 @@ def _translate_trace_error(model_name: str, e: Exception) -> ModelError | None:
             if isinstance(this, dist.Distribution):
                 family = type(this).__name__
         tb = tb.tb_next
+    if family == "ExpandedDistribution":
+        return ModelError(
+            f"model {model_name!r}: .expand() cannot reach the batch shape it was given: {text}. The shape "
+            "passed to .expand(...) must broadcast from the distribution's own batch shape (numpy rules: "
+            "equal sizes or 1, new axes on the left)", source=source)
     if family is not None:
         return ModelError(
             f"model {model_name!r}: distribution parameters do not broadcast ({family}): {text}. Give every "

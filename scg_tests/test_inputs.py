@@ -343,6 +343,17 @@ def test_a_distribution_whose_parameters_do_not_broadcast_names_the_family():
         m.trace(P, X)
 
 
+def test_an_expand_to_a_shape_the_batch_shape_cannot_reach_names_expand():
+    @scg.model
+    def m(params, x):
+        z = scg.sample("z", dist.Normal(params["mu"] * jnp.zeros(2), 1.0).expand((3,)))
+        scg.cost("fit", jnp.sum(z))
+
+    with pytest.raises(scg.ModelError, match=r"model 'm': \.expand\(\) cannot reach the batch shape it was given: "
+                       r"Cannot broadcast distribution of shape \(2,\) to shape \(3,\).*\(at test_inputs.py:\d+\)"):
+        m.trace(P, X)
+
+
 def test_a_model_without_costs_is_refused():
     # before: it traced, and loss / grad / expectation returned 0 silently
     @scg.model
