@@ -178,6 +178,10 @@ NOISE_BEFORE_LOOPS = {
 # the noise of all T steps is held at once: a site with more than this many values over the loop draws
 # inside the body instead (its per-step draw is then large enough to amortize the serial cost)
 NOISE_BEFORE_LOOPS_MAX_ELEMENTS = 1 << 22
+# a loop shorter than this draws inside the body: XLA:CPU unrolls such short loops when their body is small,
+# and the vectorized draw before it then costs more than it saves (Bernoulli chain, T = 10: 24 µs drawing in
+# the body, 95 µs before the loop; T = 20: 106 µs against 89 µs; benchmarks/README.md, "Loops")
+NOISE_BEFORE_LOOPS_MIN_STEPS = 16
 
 
 def _draws_by_key_under_vmap(key: jax.Array) -> bool:
@@ -404,7 +408,8 @@ def _run_scan(node: Scan, operands: list, key: jax.Array, *, steps: tuple, order
             for s in body.sites if not s.enumerated}
     noise = {}
     for s in body.sites:
-        spec = _noise_spec(s) if _draws_by_key_under_vmap(key) else None
+        spec = (_noise_spec(s) if node.length >= NOISE_BEFORE_LOOPS_MIN_STEPS and _draws_by_key_under_vmap(key)
+                else None)
         if spec is not None and node.length * math.prod(spec[0]) <= NOISE_BEFORE_LOOPS_MAX_ELEMENTS:
             draw = NOISE_BEFORE_LOOPS[s.dist.family].draw
             noise[s.name] = jax.vmap(lambda k, draw=draw, spec=spec: draw(k, *spec))(keys[s.name])

@@ -15,6 +15,14 @@ import pytest
 import scg
 from scg.estimators import NOISE_BEFORE_LOOPS, _from_noise
 
+@pytest.fixture(autouse=True)
+def noise_for_short_loops_too(monkeypatch):
+    # the loops below are short (T = 4), which draw in the body by default: draw their noise before them
+    from scg import estimators
+
+    monkeypatch.setattr(estimators, "NOISE_BEFORE_LOOPS_MIN_STEPS", 1)
+
+
 PARAMETERS = {
     dist.BernoulliLogits: lambda rng, shape: dist.BernoulliLogits(jnp.asarray(rng.normal(size=shape), jnp.float32)),
     dist.BernoulliProbs: lambda rng, shape: dist.BernoulliProbs(jnp.asarray(rng.uniform(size=shape), jnp.float32)),
@@ -103,4 +111,13 @@ def test_keys_whose_draws_do_not_batch_and_sites_too_large_to_hold_draw_inside_t
     monkeypatch.setattr(estimators, "NOISE_BEFORE_LOOPS_MAX_ELEMENTS", 0)
     monkeypatch.setattr(estimators, "_from_noise", lambda d, noise: pytest.fail("no noise should be drawn"))
     loop, twin = _loop_and_twin_losses(jax.random.key(6))
+    np.testing.assert_allclose(loop, twin, rtol=1e-6)
+
+
+def test_a_short_loop_draws_in_its_body_by_default(monkeypatch):
+    from scg import estimators
+
+    monkeypatch.setattr(estimators, "NOISE_BEFORE_LOOPS_MIN_STEPS", 16)
+    monkeypatch.setattr(estimators, "_from_noise", lambda d, noise: pytest.fail("a 4-step loop drew noise before it"))
+    loop, twin = _loop_and_twin_losses(jax.random.key(7))
     np.testing.assert_allclose(loop, twin, rtol=1e-6)
