@@ -332,25 +332,20 @@ def test_a_shape_error_in_model_code_names_the_line_not_a_distribution():
     assert "distribution parameters" not in str(info.value)
 
 
-def test_a_distribution_whose_parameters_do_not_broadcast_names_the_family():
+@pytest.mark.parametrize("make, message", [
+    (lambda mu: dist.Normal(mu * jnp.zeros(3), jnp.ones(4)),
+     r"model 'm': distribution parameters do not broadcast \(Normal\): Incompatible shapes"),
+    (lambda mu: dist.Normal(mu * jnp.zeros(2), 1.0).expand((3,)),
+     r"model 'm': \.expand\(\) cannot reach the batch shape it was given: Cannot broadcast distribution of "
+     r"shape \(2,\) to shape \(3,\)"),
+], ids=["parameters", "expand"])
+def test_a_distribution_whose_shapes_do_not_fit_names_the_family_or_expand(make, message):
     @scg.model
     def m(params, x):
-        z = scg.sample("z", dist.Normal(params["mu"] * jnp.zeros(3), jnp.ones(4)))
+        z = scg.sample("z", make(params["mu"]))
         scg.cost("fit", jnp.sum(z))
 
-    with pytest.raises(scg.ModelError, match=r"model 'm': distribution parameters do not broadcast \(Normal\): "
-                       r"Incompatible shapes.*\(at test_inputs.py:\d+\)"):
-        m.trace(P, X)
-
-
-def test_an_expand_to_a_shape_the_batch_shape_cannot_reach_names_expand():
-    @scg.model
-    def m(params, x):
-        z = scg.sample("z", dist.Normal(params["mu"] * jnp.zeros(2), 1.0).expand((3,)))
-        scg.cost("fit", jnp.sum(z))
-
-    with pytest.raises(scg.ModelError, match=r"model 'm': \.expand\(\) cannot reach the batch shape it was given: "
-                       r"Cannot broadcast distribution of shape \(2,\) to shape \(3,\).*\(at test_inputs.py:\d+\)"):
+    with pytest.raises(scg.ModelError, match=message + r".*\(at test_inputs.py:\d+\)"):
         m.trace(P, X)
 
 
